@@ -1,0 +1,106 @@
+"""Validation of request inputs: Cog's server passes any JSON value through when it has no schema."""
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import InputError
+from .imageio import OUTPUT_FORMATS
+from .limits import MAX_GUIDANCE_SCALE, MAX_NUM_OUTPUTS, MAX_PROMPT_CHARS, MAX_STEPS, MIN_STEPS
+
+MAX_SEED = 2**32 - 1
+DEFAULT_PROMPT = "a high quality, detailed photograph"
+
+
+def integer(name: str, value: Any, low: int, high: int) -> int:
+    """An int (or an integral float such as 4.0) within [low, high]."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InputError(f"{name}: must be a whole number from {low} to {high}, got {value!r}")
+    return value
+
+
+def number(name: str, value: Any, low: float, high: float) -> float:
+    """A finite int or float within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InputError(f"{name}: must be a number from {low:g} to {high:g}, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{name}: must be from {low:g} to {high:g}, got {value!r}")
+    return float(value)
+
+
+def boolean(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise InputError(f"{name}: must be true or false, got {value!r}")
+    return value
+
+
+def text(name: str, value: Any, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{name}: must be text, got {value!r}")
+    if len(value) > max_chars:
+        raise InputError(f"{name}: at most {max_chars} characters, got {len(value)}")
+    return value.strip()
+
+
+def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
+    normalised = value.strip().lower() if isinstance(value, str) else value
+    if normalised == "jpeg":
+        normalised = "jpg"
+    if normalised not in allowed:
+        raise InputError(f"{name}: must be one of {', '.join(allowed)}, got {value!r}")
+    return normalised
+
+
+@dataclass(frozen=True)
+class EditOptions:
+    """Everything but the files, validated. seed is always set: drawn at random when not given."""
+
+    prompt: str
+    negative_prompt: str
+    steps: int
+    strength: float
+    invert_map: bool
+    guidance_scale: float
+    num_outputs: int
+    seed: int
+
+    @classmethod
+    def from_inputs(
+        cls,
+        prompt: Any,
+        negative_prompt: Any,
+        steps: Any,
+        strength: Any,
+        invert_map: Any,
+        guidance_scale: Any,
+        num_outputs: Any,
+        seed: Any,
+    ) -> "EditOptions":
+        return cls(
+            prompt=text("prompt", prompt) or DEFAULT_PROMPT,
+            negative_prompt=text("negative_prompt", negative_prompt),
+            steps=integer("steps", steps, MIN_STEPS, MAX_STEPS),
+            strength=number("strength", strength, 0.0, 1.0),
+            invert_map=boolean("invert_map", invert_map),
+            guidance_scale=number("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE_SCALE),
+            num_outputs=integer("num_outputs", num_outputs, 1, MAX_NUM_OUTPUTS),
+            seed=secrets.randbelow(MAX_SEED + 1) if seed is None else integer("seed", seed, 0, MAX_SEED),
+        )
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    format: str
+    quality: int
+
+    @classmethod
+    def from_inputs(cls, output_format: Any, output_quality: Any) -> "OutputOptions":
+        return cls(
+            format=choice("output_format", output_format, OUTPUT_FORMATS),
+            quality=integer("output_quality", output_quality, 1, 100),
+        )

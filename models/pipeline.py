@@ -1,0 +1,196 @@
+"""The edit: SDXL components from diffusers around the differential-diffusion sampler."""
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+
+from . import maps, sampler
+from .sizing import aspect_distortion, working_size
+
+log = logging.getLogger(__name__)
+
+MAX_ASPECT_DISTORTION = 0.1
+"""Grid rounding changes the aspect by a few percent; beyond this the working picture is visibly stretched."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    """One edit. change_map is (H, W) in [0, 1] at the image's size, strength and inversion applied."""
+
+    image: np.ndarray
+    change_map: np.ndarray
+    prompt: str
+    negative_prompt: str = ""
+    steps: int = 4
+    guidance_scale: float = 0.0
+    num_outputs: int = 1
+    seed: int = 0
+
+
+@dataclass
+class EditResult:
+    """Edited pictures, RGB uint8 (H, W, 3) at the input's size, with seconds spent per stage."""
+
+    images: list[np.ndarray]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class Stopwatch:
+    """Times stages; synchronises the device only at stage ends, never inside the denoising loop."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.timings: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + now - self._last
+        self._last = now
+
+
+class DifferentialDiffusionPipeline:
+    """SDXL differential diffusion with a few-step LCM-style sampler and an exact-keep composite."""
+
+    def __init__(
+        self,
+        sdxl: StableDiffusionXLImg2ImgPipeline,
+        device: torch.device,
+        dtype: torch.dtype,
+    ):
+        self.sdxl = sdxl
+        self.unet: UNet2DConditionModel = sdxl.unet
+        self.vae: AutoencoderKL = sdxl.vae
+        self.scheduler: LCMScheduler = sdxl.scheduler
+        self.device = device
+        self.dtype = dtype
+        self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.inference_mode()
+    def edit(self, request: EditRequest) -> EditResult:
+        height, width = request.change_map.shape
+        watch = Stopwatch(self.device)
+        max_strength = float(request.change_map.max(initial=0.0))
+        schedule = sampler.Schedule.from_scheduler(self.scheduler, request.steps)
+        start = sampler.first_active_step(max_strength, schedule)
+        if start is None:
+            log.info("map is all black: returning the input unchanged")
+            return EditResult([request.image.copy() for _ in range(request.num_outputs)], watch.timings)
+
+        work_width, work_height = working_size(width, height)
+        if aspect_distortion((width, height), (work_width, work_height)) > MAX_ASPECT_DISTORTION:
+            log.warning(
+                "image: extreme aspect ratio; generating at %dx%d and resizing back to %dx%d",
+                work_width,
+                work_height,
+                width,
+                height,
+            )
+        log.info(
+            "editing %dx%d at %dx%d, %d of %d steps active, %d output(s)",
+            width,
+            height,
+            work_width,
+            work_height,
+            len(schedule) - start,
+            len(schedule),
+            request.num_outputs,
+        )
+        image = torch.from_numpy(request.image).to(self.device).permute(2, 0, 1)[None].float()
+        change_map = torch.from_numpy(request.change_map).to(self.device)
+        work_image = F.interpolate(image, size=(work_height, work_width), mode="bicubic", antialias=True)
+        work_map = maps.resize_map(change_map, work_height, work_width)
+        latent_map = maps.resize_map(work_map, work_height // self.latent_scale, work_width // self.latent_scale)
+        weights = sampler.blend_weights(latent_map, schedule)
+        watch.lap("prepare")
+
+        original = self._encode_image(work_image)
+        watch.lap("vae_encode")
+        predict_noise = self._noise_predictor(request, work_width, work_height, schedule)
+        watch.lap("text_encode")
+
+        noises = self._draw_noises(request, original.shape[1:], len(schedule))
+        latents = sampler.sample(predict_noise, original, noises, schedule, weights, start)
+        watch.lap("denoise")
+
+        generated = self._decode_latents(latents)
+        watch.lap("vae_decode")
+
+        images = self._composite(image, generated, work_map)
+        watch.lap("composite")
+        return EditResult(images, watch.timings)
+
+    def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        """VAE-encode 0-255 pixels to scaled latents (fp32), using the posterior's mean: no sampling noise."""
+        scaled = (pixels / 127.5 - 1.0).clamp(-1.0, 1.0).to(self.dtype)
+        posterior = self.vae.encode(scaled).latent_dist
+        return posterior.mode().float() * self.vae.config.scaling_factor
+
+    def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE-decode in the model dtype (no fp32 upcast) to 0-255 float pixels."""
+        decoded = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
+        return ((decoded.float() + 1.0) * 127.5).clamp(0.0, 255.0)
+
+    def _noise_predictor(
+        self, request: EditRequest, work_width: int, work_height: int, schedule: sampler.Schedule
+    ) -> sampler.NoisePredictor:
+        """Encode the prompt once and return the UNet call (with guidance only when scale > 1)."""
+        guided = request.guidance_scale > 1.0
+        prompt_embeds, negative_embeds, pooled, negative_pooled = self.sdxl.encode_prompt(
+            prompt=request.prompt,
+            device=self.device,
+            num_images_per_prompt=request.num_outputs,
+            do_classifier_free_guidance=guided,
+            negative_prompt=request.negative_prompt or None,
+        )
+        time_ids = torch.tensor(
+            [[work_height, work_width, 0, 0, work_height, work_width]], device=self.device, dtype=self.dtype
+        ).repeat(request.num_outputs, 1)
+        if guided:
+            prompt_embeds = torch.cat([negative_embeds, prompt_embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([time_ids, time_ids])
+        conditioning = {"text_embeds": pooled.to(self.dtype), "time_ids": time_ids}
+        prompt_embeds = prompt_embeds.to(self.dtype)
+        timesteps = torch.tensor(schedule.timesteps, device=self.device)
+
+        def predict_noise(latents: torch.Tensor, step: int) -> torch.Tensor:
+            log.info("denoising step %d/%d (t=%d)", step + 1, len(schedule), schedule.timesteps[step])
+            model_input = latents.to(self.dtype)
+            if guided:
+                model_input = torch.cat([model_input, model_input])
+            noise_pred = self.unet(
+                model_input,
+                timesteps[step],
+                encoder_hidden_states=prompt_embeds,
+                added_cond_kwargs=conditioning,
+                return_dict=False,
+            )[0].float()
+            if guided:
+                uncond, cond = noise_pred.chunk(2)
+                return sampler.guide(uncond, cond, request.guidance_scale)
+            return noise_pred
+
+        return predict_noise
+
+    def _draw_noises(self, request: EditRequest, latent_shape: torch.Size, steps: int) -> torch.Tensor:
+        """All the request's noise at once, from a CPU generator so a seed means the same on any device."""
+        generator = torch.Generator("cpu").manual_seed(request.seed)
+        shape = (request.num_outputs, *latent_shape)
+        noises = [torch.randn(shape, generator=generator) for _ in range(steps)]
+        return torch.stack(noises).to(self.device)
+
+    def _composite(self, image: torch.Tensor, generated: torch.Tensor, work_map: torch.Tensor) -> list[np.ndarray]:
+        """Bring results back to the input's size and paste them over the original through a feathered mask."""
+        height, width = image.shape[-2:]
+        generated = F.interpolate(generated, size=(height, width), mode="bicubic", antialias=True).clamp(0.0, 255.0)
+        alpha = maps.resize_map(maps.composite_alpha(work_map), height, width)
+        blended = torch.lerp(image, generated, alpha).round().to(torch.uint8)
+        return [picture.permute(1, 2, 0).cpu().numpy() for picture in blended]

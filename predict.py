@@ -1,0 +1,76 @@
+"""Cog entry point: maps Cog inputs to one call of the `models` package and writes the outputs."""
+
+import logging
+import shutil
+import sys
+import tempfile
+import time
+
+from cog import BaseRunner, Input, Path
+
+from models.editor import edit_files
+from models.imageio import OUTPUT_FORMATS, write_outputs
+from models.inputs import DEFAULT_PROMPT, MAX_SEED, EditOptions, OutputOptions
+from models.limits import MAX_GUIDANCE_SCALE, MAX_NUM_OUTPUTS, MAX_STEPS, MIN_STEPS
+from models.loading import load_pipeline
+
+log = logging.getLogger("predict")
+
+
+class Predictor(BaseRunner):
+    def setup(self) -> None:
+        """Load the weights once, from $MODEL_CACHE (default ./model-cache)."""
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
+        started = time.perf_counter()
+        self.pipeline = load_pipeline()
+        self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
+        log.info("setup took %.2fs", time.perf_counter() - started)
+
+    def run(
+        self,
+        prompt: str = Input(description="What the changed areas should show.", default=DEFAULT_PROMPT),
+        image: Path = Input(description="The picture to edit (PNG, JPEG, WebP, GIF, BMP or TIFF)."),
+        map: Path = Input(  # noqa: A002 - the public input name
+            description="Grayscale change map: black keeps a pixel exactly, white regenerates it, grey changes "
+            "it partly. Any size with the image's aspect ratio; colour maps use their luminance."
+        ),
+        steps: int = Input(description="Denoising steps.", default=4, ge=MIN_STEPS, le=MAX_STEPS),
+        strength: float = Input(description="Scales the whole map: 0 changes nothing.", default=1.0, ge=0.0, le=1.0),
+        invert_map: bool = Input(
+            description="Invert the map, for maps in the paper's convention (white = keep).", default=False
+        ),
+        seed: int | None = Input(
+            description="Random seed; leave empty for a random one (it is logged).", default=None, ge=0, le=MAX_SEED
+        ),
+        num_outputs: int = Input(description="Number of pictures to make.", default=1, ge=1, le=MAX_NUM_OUTPUTS),
+        negative_prompt: str = Input(description="What to avoid; used only when guidance_scale > 1.", default=""),
+        guidance_scale: float = Input(
+            description="Classifier-free guidance; Flash-SDXL is trained for 0 (off). Applies only above 1.",
+            default=0.0,
+            ge=0.0,
+            le=MAX_GUIDANCE_SCALE,
+        ),
+        output_format: str = Input(
+            description="Format of the output pictures.", default="webp", choices=list(OUTPUT_FORMATS)
+        ),
+        output_quality: int = Input(description="Quality of webp and jpg outputs.", default=90, ge=1, le=100),
+    ) -> list[Path]:
+        started = time.perf_counter()
+        options = EditOptions.from_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            strength=strength,
+            invert_map=invert_map,
+            guidance_scale=guidance_scale,
+            num_outputs=num_outputs,
+            seed=seed,
+        )
+        output = OutputOptions.from_inputs(output_format, output_quality)
+        result = edit_files(self.pipeline, image, map, options)
+        shutil.rmtree(self.output_dir, ignore_errors=True)
+        self.output_dir.mkdir(parents=True)
+        paths = write_outputs(result.images, self.output_dir, output.format, output.quality)
+        stages = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
+        log.info("prediction took %.2fs (%s)", time.perf_counter() - started, stages or "no work")
+        return [Path(path) for path in paths]

@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random weights made once per test session, and the pipeline loaded on them."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(os.cpu_count() or 1)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("weights") / "model-cache"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make-test-weights"), str(folder)], check=True)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def pipeline(tiny_weights):
+    from models.loading import load_pipeline
+
+    return load_pipeline(tiny_weights)
+
+
+def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A smooth test picture with texture: gradients plus noise, RGB uint8 (H, W, 3)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=2) * 200
+    return np.clip(base + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)

@@ -1,0 +1,75 @@
+"""Validation of every input: one clear line naming the input and what is allowed."""
+
+import pytest
+
+from models.errors import InputError
+from models.inputs import DEFAULT_PROMPT, MAX_SEED, EditOptions, OutputOptions
+
+VALID = {
+    "prompt": "a cat",
+    "negative_prompt": "",
+    "steps": 4,
+    "strength": 1.0,
+    "invert_map": False,
+    "guidance_scale": 0.0,
+    "num_outputs": 1,
+    "seed": 7,
+}
+
+
+def options(**changes) -> EditOptions:
+    return EditOptions.from_inputs(**{**VALID, **changes})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("steps", 0),
+        ("steps", 17),
+        ("steps", "4"),
+        ("steps", 2.5),
+        ("steps", True),
+        ("steps", None),
+        ("strength", -0.1),
+        ("strength", 1.5),
+        ("strength", float("nan")),
+        ("strength", "high"),
+        ("num_outputs", 0),
+        ("num_outputs", 5),
+        ("guidance_scale", -1),
+        ("guidance_scale", 100),
+        ("seed", -1),
+        ("seed", MAX_SEED + 1),
+        ("seed", "abc"),
+        ("invert_map", "yes"),
+        ("prompt", 42),
+        ("prompt", "x" * 5000),
+    ],
+)
+def test_bad_values_are_refused_with_the_input_named(name, value):
+    with pytest.raises(InputError, match=rf"^{name}: "):
+        options(**{name: value})
+
+
+def test_integral_floats_are_accepted_as_whole_numbers():
+    assert options(steps=4.0).steps == 4
+
+
+def test_empty_prompt_gets_the_default():
+    assert options(prompt="  ").prompt == DEFAULT_PROMPT
+
+
+def test_missing_seed_is_drawn_at_random():
+    seeds = {options(seed=None).seed for _ in range(5)}
+    assert len(seeds) > 1 and all(0 <= seed <= MAX_SEED for seed in seeds)
+
+
+@pytest.mark.parametrize(("given", "expected"), [("webp", "webp"), ("PNG", "png"), ("jpeg", "jpg")])
+def test_output_formats(given, expected):
+    assert OutputOptions.from_inputs(given, 90).format == expected
+
+
+@pytest.mark.parametrize(("fmt", "quality"), [("gif", 90), ("webp", 0), ("webp", 101)])
+def test_bad_output_options(fmt, quality):
+    with pytest.raises(InputError, match=r"^output_(format|quality): "):
+        OutputOptions.from_inputs(fmt, quality)

@@ -1,0 +1,61 @@
+"""Change maps: fitting, antialiasing, strength and the feathered composite mask."""
+
+import pytest
+import torch
+
+from models import maps
+from models.errors import InputError
+
+
+def test_map_of_another_size_but_same_aspect_is_resized_to_the_image():
+    fitted = maps.fit_to_image(torch.rand(300, 400), width=800, height=600)
+    assert fitted.shape == (600, 800)
+
+
+def test_map_of_another_aspect_is_a_clear_error():
+    with pytest.raises(InputError, match=r"^map: .*aspect ratio"):
+        maps.fit_to_image(torch.rand(300, 300), width=800, height=600)
+
+
+def test_resize_is_antialiased_not_aliased():
+    """One-pixel stripes shrunk by 4 average to grey instead of aliasing to black or white."""
+    stripes = torch.zeros(64, 64)
+    stripes[:, ::2] = 1.0
+    small = maps.resize_map(stripes, 16, 16)
+    interior = small[:, 1:-1]
+    assert torch.allclose(interior, torch.full_like(interior, 0.5), atol=0.01)
+
+
+def test_resize_keeps_zeros_exactly_zero_away_from_changes():
+    change_map = torch.zeros(200, 200)
+    change_map[:50, :50] = 1.0
+    small = maps.resize_map(change_map, 100, 100)
+    assert (small[40:, 40:] == 0).all()
+    assert (small >= 0).all() and (small <= 1).all()
+
+
+def test_strength_scales_and_invert_flips():
+    change_map = torch.tensor([[0.0, 0.5, 1.0]])
+    assert maps.apply_strength(change_map, 0.5, invert=False).tolist() == [[0.0, 0.25, 0.5]]
+    assert maps.apply_strength(change_map, 1.0, invert=True).tolist() == [[1.0, 0.5, 0.0]]
+
+
+def test_composite_alpha_is_one_inside_zero_far_outside_and_feathered_between():
+    change_map = torch.zeros(64, 64)
+    change_map[:, :32] = 1.0
+    alpha = maps.composite_alpha(change_map, feather_px=4)
+    row = alpha[32]
+    assert (row[:32] == 1).all()
+    assert (row[32 + 8 :] == 0).all(), "exactly zero beyond the feather band"
+    band = row[32 : 32 + 8]
+    assert ((band > 0) & (band < 1)).all(), "a soft ramp, not a hard cut"
+    assert (band.diff() < 0).all()
+
+
+def test_composite_alpha_fades_in_for_faint_maps():
+    alpha = maps.composite_alpha(torch.full((16, 16), maps.FULL_BLEND_AT / 2), feather_px=2)
+    assert torch.allclose(alpha, torch.full_like(alpha, 0.5))
+
+
+def test_all_black_map_keeps_everything():
+    assert (maps.composite_alpha(torch.zeros(32, 48)) == 0).all()
