@@ -103,8 +103,8 @@ class DifferentialDiffusionPipeline:
             len(schedule),
             request.num_outputs,
         )
-        image = torch.from_numpy(request.image).to(self.device).permute(2, 0, 1)[None].float()
-        change_map = torch.from_numpy(request.change_map).to(self.device)
+        image = torch.tensor(request.image, device=self.device).permute(2, 0, 1)[None].float()
+        change_map = torch.tensor(request.change_map, device=self.device)
         work_image = F.interpolate(image, size=(work_height, work_width), mode="bicubic", antialias=True)
         work_map = maps.resize_map(change_map, work_height, work_width)
         latent_map = maps.resize_map(work_map, work_height // self.latent_scale, work_width // self.latent_scale)
