@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .acceleration import speed_up
 from .errors import WeightsError
 from .pipeline import DifferentialDiffusionPipeline
 
@@ -77,4 +78,6 @@ def load_pipeline(
         str(dtype).removeprefix("torch."),
         time.perf_counter() - started,
     )
-    return DifferentialDiffusionPipeline(sdxl, device, dtype)
+    pipeline = DifferentialDiffusionPipeline(sdxl, device, dtype)
+    speed_up(pipeline, compile_cache=folder / "torch-compile-cache")
+    return pipeline

@@ -1,0 +1,57 @@
+"""The fast path changes speed, not results."""
+
+import torch
+from diffusers import UNet2DConditionModel
+
+from models import acceleration
+from models.loading import load_pipeline
+
+
+def unet_inputs(unet: UNet2DConditionModel) -> dict:
+    generator = torch.Generator().manual_seed(0)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    text_embeds_dim = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+    return {
+        "sample": torch.randn(1, 4, 8, 8, generator=generator),
+        "timestep": torch.tensor(499),
+        "encoder_hidden_states": torch.randn(1, 77, unet.config.cross_attention_dim, generator=generator),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(1, text_embeds_dim, generator=generator),
+            "time_ids": time_ids,
+        },
+    }
+
+
+def test_fused_qkv_projections_give_the_same_unet_output(tiny_weights):
+    unet = UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").eval()
+    inputs = unet_inputs(unet)
+    with torch.inference_mode():
+        plain = unet(**inputs).sample
+        unet.fuse_qkv_projections()
+        fused = unet(**inputs).sample
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_loaded_pipeline_runs_fused_attention(pipeline):
+    attentions = [module for module in pipeline.unet.modules() if hasattr(module, "fused_projections")]
+    assert attentions and all(module.fused_projections for module in attentions)
+
+
+def test_compile_switch_compiles_and_warms_up_at_the_serving_shape(tiny_weights, monkeypatch):
+    compiled, edits = [], []
+    monkeypatch.setenv(acceleration.COMPILE_SWITCH, "1")
+    monkeypatch.setattr(torch, "compile", lambda module, **options: compiled.append(module) or module)
+    real_edit = acceleration.DifferentialDiffusionPipeline.edit
+    monkeypatch.setattr(
+        acceleration.DifferentialDiffusionPipeline,
+        "edit",
+        lambda self, request: edits.append(request.image.shape) or real_edit(self, request),
+    )
+    pipeline = load_pipeline(tiny_weights)
+    assert compiled == [pipeline.unet, pipeline.vae.decoder]
+    assert edits == [(1024, 1024, 3)]
+
+
+def test_compile_is_off_by_default(monkeypatch):
+    monkeypatch.delenv(acceleration.COMPILE_SWITCH, raising=False)
+    assert not acceleration.compile_requested()
