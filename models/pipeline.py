@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
 from . import maps, sampler
-from .sizing import aspect_distortion, working_size
+from .sizing import WORKING_AREA, aspect_distortion, working_size
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,7 @@ class EditRequest:
     guidance_scale: float = 0.0
     num_outputs: int = 1
     seed: int = 0
+    working_area: int = WORKING_AREA
 
 
 @dataclass
@@ -74,7 +75,8 @@ class DifferentialDiffusionPipeline:
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.inference_mode()
-    def edit(self, request: EditRequest) -> EditResult:
+    def edit(self, request: EditRequest, time_each_step: bool = False) -> EditResult:
+        """Edit one picture. time_each_step synchronises after every UNet call: for benchmarks only."""
         height, width = request.change_map.shape
         watch = Stopwatch(self.device)
         max_strength = float(request.change_map.max(initial=0.0))
@@ -84,7 +86,7 @@ class DifferentialDiffusionPipeline:
             log.info("map is all black: returning the input unchanged")
             return EditResult([request.image.copy() for _ in range(request.num_outputs)], watch.timings)
 
-        work_width, work_height = working_size(width, height)
+        work_width, work_height = working_size(width, height, request.working_area)
         if aspect_distortion((width, height), (work_width, work_height)) > MAX_ASPECT_DISTORTION:
             log.warning(
                 "image: extreme aspect ratio; generating at %dx%d and resizing back to %dx%d",
@@ -113,7 +115,9 @@ class DifferentialDiffusionPipeline:
 
         original = self._encode_image(work_image)
         watch.lap("vae_encode")
-        predict_noise = self._noise_predictor(request, work_width, work_height, schedule)
+        predict_noise = self._noise_predictor(
+            request, work_width, work_height, schedule, watch if time_each_step else None
+        )
         watch.lap("text_encode")
 
         noises = self._draw_noises(request, original.shape[1:], len(schedule))
@@ -139,7 +143,12 @@ class DifferentialDiffusionPipeline:
         return ((decoded.float() + 1.0) * 127.5).clamp(0.0, 255.0)
 
     def _noise_predictor(
-        self, request: EditRequest, work_width: int, work_height: int, schedule: sampler.Schedule
+        self,
+        request: EditRequest,
+        work_width: int,
+        work_height: int,
+        schedule: sampler.Schedule,
+        step_watch: Stopwatch | None,
     ) -> sampler.NoisePredictor:
         """Encode the prompt once and return the UNet call (with guidance only when scale > 1)."""
         guided = request.guidance_scale > 1.0
@@ -175,7 +184,9 @@ class DifferentialDiffusionPipeline:
             )[0].float()
             if guided:
                 uncond, cond = noise_pred.chunk(2)
-                return sampler.guide(uncond, cond, request.guidance_scale)
+                noise_pred = sampler.guide(uncond, cond, request.guidance_scale)
+            if step_watch is not None:
+                step_watch.lap(f"unet_step_{step + 1}")
             return noise_pred
 
         return predict_noise

@@ -8,15 +8,15 @@ GRID = 64
 MIN_SIDE, MAX_SIDE = 256, 2048
 
 
-def working_size(width: int, height: int) -> tuple[int, int]:
-    """Return (width, height) on SDXL's grid with about WORKING_AREA pixels and the input's aspect.
+def working_size(width: int, height: int, area: int = WORKING_AREA) -> tuple[int, int]:
+    """Return (width, height) on SDXL's grid with about `area` pixels and the input's aspect.
 
     Small inputs are upscaled (SDXL is poor far below one megapixel); extreme aspects are clamped to
     MIN_SIDE..MAX_SIDE, which stretches the working picture but not the result.
     """
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width}x{height}")
-    scale = math.sqrt(WORKING_AREA / (width * height))
+    scale = math.sqrt(area / (width * height))
 
     def to_grid(side: float) -> int:
         return min(MAX_SIDE, max(MIN_SIDE, GRID * round(side * scale / GRID)))
