@@ -8,9 +8,10 @@ import time
 
 from cog import BaseRunner, Input, Path
 
+from models import resources
 from models.editor import edit_files
 from models.imageio import OUTPUT_FORMATS, write_outputs
-from models.inputs import DEFAULT_PROMPT, MAX_SEED, EditOptions, OutputOptions
+from models.inputs import DEFAULT_PROMPT, MAX_SEED, EditOptions, OutputOptions, fetched_file
 from models.limits import MAX_GUIDANCE_SCALE, MAX_NUM_OUTPUTS, MAX_STEPS, MIN_STEPS
 from models.loading import load_pipeline
 
@@ -22,6 +23,7 @@ class Predictor(BaseRunner):
         """Load the weights once, from $MODEL_CACHE (default ./model-cache)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         started = time.perf_counter()
+        resources.configure_heap()
         self.pipeline = load_pipeline()
         self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
         log.info("setup took %.2fs", time.perf_counter() - started)
@@ -67,9 +69,10 @@ class Predictor(BaseRunner):
             seed=seed,
         )
         output = OutputOptions.from_inputs(output_format, output_quality)
-        result = edit_files(self.pipeline, image, map, options)
+        image_path, map_path = fetched_file("image", image), fetched_file("map", map)
         shutil.rmtree(self.output_dir, ignore_errors=True)
         self.output_dir.mkdir(parents=True)
+        result = edit_files(self.pipeline, image_path, map_path, options)
         paths = write_outputs(result.images, self.output_dir, output.format, output.quality)
         stages = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
         log.info("prediction took %.2fs (%s)", time.perf_counter() - started, stages or "no work")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from . import imageio, maps
+from . import imageio, maps, resources
 from .inputs import EditOptions
 from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult
 from .sizing import WORKING_AREA
@@ -23,10 +23,32 @@ def edit_files(
     working_area: int = WORKING_AREA,
     time_each_step: bool = False,
 ) -> EditResult:
-    """Read the picture and its change map, fit the map to the picture, and run the edit.
+    """Check the work fits, read the picture and its change map, fit the map, and run the edit.
 
-    working_area and time_each_step are for the benchmark; serving keeps the defaults.
+    A failure or cancellation (a BaseException) frees what the edit held; running out of memory becomes one
+    line naming what to lower. working_area and time_each_step are for the benchmark.
     """
+    width, height = imageio.picture_size(image_path, "image")
+    resources.check_memory(pipeline, options.num_outputs, width, height)
+    try:
+        return _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step)
+    except BaseException as error:
+        resources.release_memory(error)
+        if isinstance(error, resources.OUT_OF_MEMORY_ERRORS):
+            raise resources.out_of_memory_error(options.num_outputs, width, height) from None
+        raise
+    finally:
+        resources.trim_heap()
+
+
+def _read_and_edit(
+    pipeline: DifferentialDiffusionPipeline,
+    image_path: Path,
+    map_path: Path,
+    options: EditOptions,
+    working_area: int,
+    time_each_step: bool,
+) -> EditResult:
     started = time.perf_counter()
     image = imageio.read_image(image_path, "image")
     change_map = torch.from_numpy(imageio.read_map(map_path, "map"))

@@ -3,10 +3,11 @@
 import io
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from .errors import InputError
 from .limits import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
@@ -22,9 +23,12 @@ Image.MAX_IMAGE_PIXELS = MAX_INPUT_PIXELS
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
+ROTATED_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that display the picture turned by 90 degrees: width and height swap."""
 
-def _open(path: Path, name: str) -> Image.Image:
-    """Open and decode the first frame, refusing bombs from the header before any large allocation."""
+
+def _open_header(path: Path, name: str) -> Image.Image:
+    """Open a picture without decoding it, refusing empty, oversized and unreadable files and bombs."""
     if path is None:
         raise InputError(f"{name}: required; give a picture file (PNG, JPEG, WebP, GIF, BMP or TIFF)")
     path = Path(path)
@@ -34,14 +38,35 @@ def _open(path: Path, name: str) -> Image.Image:
     if size_bytes > MAX_INPUT_BYTES:
         raise InputError(f"{name}: the file is {size_bytes / 2**20:.0f} MiB; at most {MAX_INPUT_BYTES // 2**20} MiB")
     try:
-        picture = Image.open(path, formats=READABLE_FORMATS)
+        with warnings.catch_warnings():
+            # Pillow warns between 1x and 2x its limit; the explicit check below refuses those with a clear error.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            picture = Image.open(path, formats=READABLE_FORMATS)
     except Image.DecompressionBombError:
         raise InputError(f"{name}: larger than {MAX_INPUT_PIXELS:,} pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(f"{name}: not a readable picture; allowed: PNG, JPEG, WebP, GIF, BMP, TIFF") from None
     width, height = picture.size
     if width * height > MAX_INPUT_PIXELS:
+        picture.close()
         raise InputError(f"{name}: {width}x{height} is larger than {MAX_INPUT_PIXELS:,} pixels")
+    return picture
+
+
+def picture_size(path: Path, name: str = "image") -> tuple[int, int]:
+    """(width, height) as displayed (EXIF rotation applied), read from the header alone: cheap before a decode."""
+    with _open_header(path, name) as picture:
+        width, height = picture.size
+        try:
+            orientation = picture.getexif().get(ExifTags.Base.Orientation)
+        except (OSError, SyntaxError, ValueError, EOFError):
+            orientation = None  # a broken EXIF block is reported when the picture is decoded
+    return (height, width) if orientation in ROTATED_ORIENTATIONS else (width, height)
+
+
+def _open(path: Path, name: str) -> Image.Image:
+    """Open and decode the first frame, upright; bombs are refused from the header before any large allocation."""
+    picture = _open_header(path, name)
     if getattr(picture, "n_frames", 1) > 1:
         log.warning("%s: animated or multi-page file, using its first frame", name)
     try:

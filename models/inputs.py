@@ -2,7 +2,9 @@
 
 import math
 import secrets
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import InputError
@@ -11,6 +13,9 @@ from .limits import MAX_GUIDANCE_SCALE, MAX_NUM_OUTPUTS, MAX_PROMPT_CHARS, MAX_S
 
 MAX_SEED = 2**32 - 1
 DEFAULT_PROMPT = "a high quality, detailed photograph"
+
+JSON_KINDS = {dict: "object", list: "array", bool: "boolean", int: "number", float: "number"}
+"""What a request's non-file value was, in JSON's words, for error messages."""
 
 
 def integer(name: str, value: Any, low: int, high: int) -> int:
@@ -45,6 +50,28 @@ def text(name: str, value: Any, max_chars: int = MAX_PROMPT_CHARS) -> str:
     if len(value) > max_chars:
         raise InputError(f"{name}: at most {max_chars} characters, got {len(value)}")
     return value.strip()
+
+
+def fetched_file(name: str, value: Any) -> Path:
+    """A file Cog fetched for this request, which always lies directly in the temporary folder.
+
+    Cog turns data URIs and http(s) URLs into such files. Anything else (a path on the server, a file://
+    URL, a link) is refused before it is opened, so a request can never make the predictor read the
+    container's files or the outputs of earlier requests, which lie in a subfolder.
+    """
+    if value is None:
+        raise InputError(f"{name}: required; give a picture file (PNG, JPEG, WebP, GIF, BMP or TIFF)")
+    allowed = f"{name}: give a file (an upload, a data URI or an http(s) URL)"
+    if isinstance(value, str):
+        raise InputError(f"{allowed}; paths and other text are not accepted")
+    if not isinstance(value, Path):
+        kind = JSON_KINDS.get(type(value), type(value).__name__)
+        raise InputError(f"{allowed}, not a JSON {kind}")
+    path = Path(value)
+    temporary_folder = Path(tempfile.gettempdir()).resolve()
+    if path.is_symlink() or not path.is_file() or path.resolve().parent != temporary_folder:
+        raise InputError(f"{allowed}, not a path on the server")
+    return path
 
 
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:

@@ -27,16 +27,23 @@ def files(picture):
     return {"image": data_uri(png_bytes(picture)), "map": data_uri(png_bytes(change_map))}
 
 
-def test_edit_returns_webp_at_the_input_size_and_logs_the_seed(server, files):
+def test_edit_returns_webp_at_the_input_size_and_logs_what_a_user_needs(server, files):
+    assert wait_until_ready(server)
     result = predict(server, {**files, "prompt": "a lighthouse", "seed": 3})
     assert result["status"] == "succeeded", result.get("error")
     [output] = result["output"]
     assert output.startswith("data:image/webp;base64,")
     assert decode_output(output).size == (320, 240)
-    assert "seed: 3" in result["logs"]
+    logs = result["logs"]
+    assert "seed: 3" in logs
+    assert "map: 160x120 resized to the image's 320x240" in logs
+    assert "editing 320x240 at 1152x896" in logs
+    assert "denoising step 4/4" in logs
+    assert "prediction took" in logs
 
 
 def test_png_batch_keeps_black_areas_exactly(server, files, picture):
+    assert wait_until_ready(server)
     result = predict(server, {**files, "num_outputs": 2, "output_format": "png", "seed": 4})
     assert result["status"] == "succeeded", result.get("error")
     outputs = [np.asarray(decode_output(uri).convert("RGB")) for uri in result["output"]]
@@ -57,6 +64,7 @@ def test_png_batch_keeps_black_areas_exactly(server, files, picture):
 )
 def test_bad_input_is_one_clear_line(server, files, changes, message):
     inputs = {key: value for key, value in {**files, **changes}.items() if value is not None}
+    assert wait_until_ready(server), "Cog answers 409 while it frees the previous request's slot"
     result = predict(server, inputs)
     assert result["status"] == "failed"
     assert message in result["error"]
@@ -64,6 +72,7 @@ def test_bad_input_is_one_clear_line(server, files, changes, message):
 
 
 def test_still_ready_and_working_after_errors(server, files):
+    assert wait_until_ready(server)
     predict(server, {**files, "steps": 0})
     assert wait_until_ready(server)
     assert predict(server, {**files, "steps": 1})["status"] == "succeeded"
