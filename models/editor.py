@@ -29,7 +29,7 @@ def edit_files(
     line naming what to lower. working_area and time_each_step are for the benchmark.
     """
     width, height = imageio.picture_size(image_path, "image")
-    resources.check_memory(pipeline, options.num_outputs, width, height)
+    resources.check_memory(pipeline, options.num_outputs, width, height, working_area)
     try:
         return _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step)
     except BaseException as error:

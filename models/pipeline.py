@@ -57,6 +57,13 @@ class Stopwatch:
         self._last = now
 
 
+def resize_pixels(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Antialiased bicubic resize of 0-255 pixels (N, C, H, W); none at all when the size already matches."""
+    if pixels.shape[-2:] == (height, width):
+        return pixels
+    return F.interpolate(pixels, size=(height, width), mode="bicubic", antialias=True).clamp(0.0, 255.0)
+
+
 class DifferentialDiffusionPipeline:
     """SDXL differential diffusion with a few-step LCM-style sampler and an exact-keep composite."""
 
@@ -107,7 +114,7 @@ class DifferentialDiffusionPipeline:
         )
         image = torch.tensor(request.image, device=self.device).permute(2, 0, 1)[None].float()
         change_map = torch.tensor(request.change_map, device=self.device)
-        work_image = F.interpolate(image, size=(work_height, work_width), mode="bicubic", antialias=True)
+        work_image = resize_pixels(image, work_height, work_width)
         work_map = maps.resize_map(change_map, work_height, work_width)
         latent_map = maps.resize_map(work_map, work_height // self.latent_scale, work_width // self.latent_scale)
         weights = sampler.blend_weights(latent_map, schedule)
@@ -201,7 +208,7 @@ class DifferentialDiffusionPipeline:
     def _composite(self, image: torch.Tensor, generated: torch.Tensor, work_map: torch.Tensor) -> list[np.ndarray]:
         """Bring results back to the input's size and paste them over the original through a feathered mask."""
         height, width = image.shape[-2:]
-        generated = F.interpolate(generated, size=(height, width), mode="bicubic", antialias=True).clamp(0.0, 255.0)
+        generated = resize_pixels(generated, height, width)
         alpha = maps.resize_map(maps.composite_alpha(work_map), height, width)
         blended = torch.lerp(image, generated, alpha).round().to(torch.uint8)
         return [picture.permute(1, 2, 0).cpu().numpy() for picture in blended]

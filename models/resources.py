@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .pipeline import DifferentialDiffusionPipeline
-from .sizing import working_size
+from .sizing import WORKING_AREA, working_size
 
 VAE_ACTIVATION_COPIES = 6
 """Peak VAE-decode memory per output, in full-resolution tensors of the decoder's widest full-resolution layer.
@@ -40,9 +40,11 @@ class NotEnoughMemoryError(RuntimeError):
     """A request needs more memory than there is; the message names what to lower."""
 
 
-def estimate_peak_bytes(pipeline: DifferentialDiffusionPipeline, num_outputs: int, width: int, height: int) -> int:
+def estimate_peak_bytes(
+    pipeline: DifferentialDiffusionPipeline, num_outputs: int, width: int, height: int, area: int = WORKING_AREA
+) -> int:
     """Memory a prediction needs on top of the loaded model, from its working size, batch and the VAE's width."""
-    work_width, work_height = working_size(width, height)
+    work_width, work_height = working_size(width, height, area)
     channels = max(pipeline.vae.config.block_out_channels[:2])
     element_bytes = torch.finfo(pipeline.dtype).bits // 8
     decode = work_width * work_height * channels * element_bytes * VAE_ACTIVATION_COPIES * num_outputs
@@ -97,11 +99,13 @@ def _gib(size: int) -> str:
     return f"{size / 2**30:.1f} GiB"
 
 
-def check_memory(pipeline: DifferentialDiffusionPipeline, num_outputs: int, width: int, height: int) -> None:
+def check_memory(
+    pipeline: DifferentialDiffusionPipeline, num_outputs: int, width: int, height: int, area: int = WORKING_AREA
+) -> None:
     """On CPU, refuse before starting a prediction whose estimated peak does not fit in available memory."""
     if pipeline.device.type != "cpu":
         return
-    needed = estimate_peak_bytes(pipeline, num_outputs, width, height)
+    needed = estimate_peak_bytes(pipeline, num_outputs, width, height, area)
     available = available_memory_bytes()
     if available is not None and needed > available * MEMORY_HEADROOM:
         raise NotEnoughMemoryError(

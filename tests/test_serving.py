@@ -603,6 +603,13 @@ def test_memory_estimate_covers_the_measured_vae_peak_and_scales_with_the_reques
     assert resources.estimate_peak_bytes(sdxl_sized(torch.float32), 1, 8000, 6000) > one + 8000 * 6000 * 32
 
 
+def test_memory_estimate_follows_the_working_area():
+    """The benchmark works below one megapixel: its estimate must shrink with the area, not assume 1 MP."""
+    one_megapixel = resources.estimate_peak_bytes(sdxl_sized(torch.float32), 1, 1024, 1024)
+    quarter = resources.estimate_peak_bytes(sdxl_sized(torch.float32), 1, 1024, 1024, area=512 * 512)
+    assert quarter < 0.3 * one_megapixel
+
+
 def test_available_memory_is_capped_by_the_container_limit(tmp_path, monkeypatch):
     (tmp_path / "memory.max").write_text(f"{8 * 2**30}\n")
     (tmp_path / "memory.current").write_text(f"{6 * 2**30}\n")
