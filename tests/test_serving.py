@@ -52,6 +52,7 @@ from tests.server import (
     webhook_receiver,
 )
 from tests.test_imageio import png_header_only
+from tests.test_inputs import VALID
 
 pytestmark = pytest.mark.server
 
@@ -211,14 +212,14 @@ ERROR_CASES = [
         id="file-url",
     ),
     pytest.param(
-        lambda: {"image": {"url": "https://example.com/a.png"}},
+        lambda: {"image": {"url": "http://127.0.0.1:9/a.png"}},
         "image: give a file (an upload, a data URI or an http(s) URL), not a JSON object",
         id="json-object-as-file",
     ),
     # Cog's own answers, before the predictor runs: an unknown input (Cog drops it instead when it has the
     # schema `cog build` writes) and a URL it cannot fetch.
     pytest.param(
-        lambda: {"lora_weights": "https://example.com/lora.safetensors"},
+        lambda: {"lora_weights": "http://127.0.0.1:9/lora.safetensors"},
         "unexpected keyword argument 'lora_weights'",
         id="unknown-input",
     ),
@@ -400,18 +401,6 @@ def test_pixel_limit_is_checked_from_the_header(tmp_path):
         imageio.picture_size(over_limit)
 
 
-VALID_OPTIONS = {
-    "prompt": "a cat",
-    "negative_prompt": "",
-    "steps": 4,
-    "strength": 1.0,
-    "invert_map": False,
-    "guidance_scale": 0.0,
-    "num_outputs": 1,
-    "seed": 7,
-}
-
-
 @pytest.mark.parametrize(
     ("name", "allowed", "refused"),
     [
@@ -425,10 +414,10 @@ VALID_OPTIONS = {
 )
 def test_request_limits(name, allowed, refused):
     for value in allowed:
-        EditOptions.from_inputs(**{**VALID_OPTIONS, name: value})
+        EditOptions.from_inputs(**{**VALID, name: value})
     for value in refused:
         with pytest.raises(InputError, match=rf"^{name}: "):
-            EditOptions.from_inputs(**{**VALID_OPTIONS, name: value})
+            EditOptions.from_inputs(**{**VALID, name: value})
 
 
 def test_map_aspect_tolerance():
