@@ -1,7 +1,7 @@
 """The fast path changes speed, not results."""
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from models import acceleration
 from models.loading import load_pipeline
@@ -22,14 +22,34 @@ def unet_inputs(unet: UNet2DConditionModel) -> dict:
     }
 
 
+def weight_storage_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the distinct storages behind a model's parameters: views of one tensor count once."""
+    storages = {param.untyped_storage().data_ptr(): param.untyped_storage().nbytes() for param in model.parameters()}
+    return sum(storages.values())
+
+
 def test_fused_qkv_projections_give_the_same_unet_output(tiny_weights):
     unet = UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").eval()
     inputs = unet_inputs(unet)
     with torch.inference_mode():
         plain = unet(**inputs).sample
-        unet.fuse_qkv_projections()
+        acceleration.fuse_qkv_in_place(unet)
         fused = unet(**inputs).sample
+        unet.unfuse_qkv_projections()
+        unfused_again = unet(**inputs).sample
     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unfused_again, plain, rtol=0, atol=0)
+
+
+def test_fused_qkv_projections_cost_no_weight_memory(tiny_weights):
+    for model in (
+        UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet"),
+        AutoencoderKL.from_pretrained(tiny_weights, subfolder="vae"),
+    ):
+        unfused = weight_storage_bytes(model)
+        acceleration.fuse_qkv_in_place(model)
+        assert weight_storage_bytes(model) == unfused
+        assert not any(param.requires_grad for param in model.parameters())
 
 
 def test_loaded_pipeline_runs_fused_attention(pipeline):

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -23,5 +25,31 @@ def test_quick_benchmark_writes_json_and_markdown(tiny_weights, tmp_path):
     assert row["ours"]["median_s"] > 0 and row["diffusers"]["median_s"] > 0
     assert row["total_flops"] > 4 * row["flops"]["unet_step"] > 0 and row["floor_s"] > 0
     assert row["ours"]["peak_working_memory_bytes"] > 0 and report["meta"]["order"] == "interleaved"
+    assert report["meta"]["baseline_shares_our_weights"]
+    baseline_stages = row["diffusers"]["profiled_s"]
+    assert {"pipeline", "text_encode", "vae_encode", "vae_decode"} <= set(baseline_stages)
+    assert [name for name in baseline_stages if name.startswith("unet_step")] == [
+        f"unet_step_{i}" for i in (1, 2, 3, 4)
+    ]
     table = (tmp_path / "benchmark.md").read_text()
-    assert "| 256x256 | 1 |" in table and "speed-up" in table
+    assert "| 256x256 | 1 |" in table and "speed-up" in table and "Stages of plain diffusers" in table
+
+
+def test_baseline_built_around_our_weights_is_stock_diffusers_with_the_same_output(tiny_weights):
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from models.acceleration import fuse_qkv_in_place
+    from tests.test_acceleration import unet_inputs
+
+    benchmark = load_script("benchmark")
+    stock = UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").eval()
+    ours = UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").eval()
+    fuse_qkv_in_place(ours)
+    baseline = benchmark.plain_copy_sharing_weights(ours)
+    assert all(isinstance(processor, AttnProcessor2_0) for processor in baseline.attn_processors.values())
+    assert benchmark.weight_bytes(ours, baseline) == benchmark.weight_bytes(ours)
+    inputs = unet_inputs(stock)
+    with torch.inference_mode():
+        torch.testing.assert_close(baseline(**inputs).sample, stock(**inputs).sample, rtol=0, atol=0)

@@ -4,8 +4,6 @@ network step, and everything after it (fusing, layout, manifest, re-runs, refusa
 import copy
 import fnmatch
 import hashlib
-import importlib.machinery
-import importlib.util
 import json
 import re
 import shutil
@@ -25,6 +23,7 @@ from models import loading
 from models.errors import WeightsError
 from models.loading import check_folder, load_pipeline
 from models.weights import DEFAULT_SOURCES, MANIFEST_NAME, Source, check_against_manifest, read_manifest
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -47,16 +46,6 @@ SDXL_SCHEDULER = {
     "use_karras_sigmas": False,
 }
 """SDXL 1.0 base's published scheduler config (an Euler scheduler), which download-weights turns into LCM."""
-
-
-def load_script(name: str):
-    """Import a script of scripts/ (no .py extension) as a module."""
-    loader = importlib.machinery.SourceFileLoader(name.replace("-", "_"), str(ROOT / "scripts" / name))
-    spec = importlib.util.spec_from_loader(loader.name, loader)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[loader.name] = module  # dataclasses look their module up there
-    loader.exec_module(module)
-    return module
 
 
 download = load_script("download-weights")
