@@ -57,6 +57,13 @@ def test_loaded_pipeline_runs_fused_attention(pipeline):
     assert attentions and all(module.fused_projections for module in attentions)
 
 
+def test_cpu_pipeline_keeps_vae_convolutions_channels_last_and_the_unet_contiguous(pipeline):
+    assert pipeline.device.type == "cpu"
+    vae_conv, unet_conv = pipeline.vae.decoder.conv_in.weight, pipeline.unet.conv_in.weight
+    assert vae_conv.is_contiguous(memory_format=torch.channels_last) and not vae_conv.is_contiguous()
+    assert unet_conv.is_contiguous()
+
+
 def test_compile_switch_compiles_and_warms_up_at_the_serving_shape(tiny_weights, monkeypatch):
     compiled, edits = [], []
     monkeypatch.setenv(acceleration.COMPILE_SWITCH, "1")
