@@ -53,3 +53,20 @@ def test_baseline_built_around_our_weights_is_stock_diffusers_with_the_same_outp
     inputs = unet_inputs(stock)
     with torch.inference_mode():
         torch.testing.assert_close(baseline(**inputs).sample, stock(**inputs).sample, rtol=0, atol=0)
+
+
+def test_baseline_vae_gets_back_the_default_layout(tiny_weights):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from models.acceleration import fuse_qkv_in_place
+
+    benchmark = load_script("benchmark")
+    stock = AutoencoderKL.from_pretrained(tiny_weights, subfolder="vae").eval()
+    ours = AutoencoderKL.from_pretrained(tiny_weights, subfolder="vae").eval().to(memory_format=torch.channels_last)
+    fuse_qkv_in_place(ours)
+    baseline = benchmark.plain_copy_sharing_weights(ours)
+    assert all(param.stride() == torch.empty(param.shape).stride() for param in baseline.parameters())
+    latents = torch.randn(1, stock.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(baseline.decode(latents).sample, stock.decode(latents).sample, rtol=0, atol=0)
