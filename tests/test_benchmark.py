@@ -26,6 +26,7 @@ def test_quick_benchmark_writes_json_and_markdown(tiny_weights, tmp_path):
     assert row["total_flops"] > 4 * row["flops"]["unet_step"] > 0 and row["floor_s"] > 0
     assert row["ours"]["peak_working_memory_bytes"] > 0 and report["meta"]["order"] == "interleaved"
     assert report["meta"]["baseline_shares_our_weights"]
+    assert Path(report["meta"]["baseline_lora"]).name == f"{tiny_weights.name}.random-lora.safetensors"
     baseline_stages = row["diffusers"]["profiled_s"]
     assert {"pipeline", "text_encode", "vae_encode", "vae_decode"} <= set(baseline_stages)
     assert [name for name in baseline_stages if name.startswith("unet_step")] == [
@@ -70,3 +71,16 @@ def test_baseline_vae_gets_back_the_default_layout(tiny_weights):
     latents = torch.randn(1, stock.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         torch.testing.assert_close(baseline.decode(latents).sample, stock.decode(latents).sample, rtol=0, atol=0)
+
+
+def test_baseline_loads_a_flash_shaped_lora_unfused_around_our_untouched_weights(pipeline, tiny_weights, tmp_path):
+    import torch
+
+    benchmark = load_script("benchmark")
+    lora = tmp_path / "lora.safetensors"
+    benchmark.write_random_lora(pipeline.unet, lora)
+    sdxl = benchmark.load_diffusers(tiny_weights, torch.device("cpu"), lora, ours=pipeline)
+    adapted = [name for name, module in sdxl.unet.named_modules() if hasattr(module, "lora_A")]
+    assert adapted and all(benchmark.LORA_TARGETS.search(name) for name in adapted)
+    assert not any(hasattr(module, "lora_A") for module in pipeline.unet.modules())
+    assert sdxl.unet.conv_in.weight.data_ptr() == pipeline.unet.conv_in.weight.data_ptr()
