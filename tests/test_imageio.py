@@ -2,8 +2,6 @@
 
 import io
 import struct
-import threading
-import time
 import zlib
 from pathlib import Path
 
@@ -125,23 +123,6 @@ def test_outputs_decode_to_the_right_size(tmp_path, fmt):
     pixels = np.zeros((30, 40, 3), np.uint8)
     [path] = imageio.write_outputs([pixels], tmp_path, fmt, 80)
     assert path.suffix == f".{fmt}" and Image.open(path).size == (40, 30)
-
-
-def test_a_batch_is_encoded_in_parallel_and_written_in_order(tmp_path, monkeypatch):
-    encoder_threads = set()
-    real_encode = imageio.encode_image
-
-    def encode(pixels, *args):
-        encoder_threads.add(threading.get_ident())
-        time.sleep(0.05)  # long enough for the pool to hand the next picture to another thread
-        return real_encode(pixels, *args)
-
-    monkeypatch.setattr(imageio, "encode_image", encode)
-    batch = [np.full((8, 8, 3), value, np.uint8) for value in (0, 100, 200)]
-    paths = imageio.write_outputs(batch, tmp_path, "png", 90)
-    assert [path.name for path in paths] == ["out-0.png", "out-1.png", "out-2.png"]
-    assert [np.asarray(Image.open(path))[0, 0, 0] for path in paths] == [0, 100, 200]
-    assert len(encoder_threads) > 1
 
 
 def test_png_output_is_lossless():
