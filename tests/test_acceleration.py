@@ -5,6 +5,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from models import acceleration
 from models.loading import load_pipeline
+from tests.scripts import load_script
+
+weight_bytes = load_script("benchmark").weight_bytes  # views of one tensor count once
 
 
 def unet_inputs(unet: UNet2DConditionModel) -> dict:
@@ -20,12 +23,6 @@ def unet_inputs(unet: UNet2DConditionModel) -> dict:
             "time_ids": time_ids,
         },
     }
-
-
-def weight_storage_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the distinct storages behind a model's parameters: views of one tensor count once."""
-    storages = {param.untyped_storage().data_ptr(): param.untyped_storage().nbytes() for param in model.parameters()}
-    return sum(storages.values())
 
 
 def test_fused_qkv_projections_give_the_same_unet_output(tiny_weights):
@@ -54,9 +51,9 @@ def test_fused_qkv_projections_cost_no_weight_memory(tiny_weights):
         UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").requires_grad_(False),
         AutoencoderKL.from_pretrained(tiny_weights, subfolder="vae").requires_grad_(False),
     ):
-        unfused = weight_storage_bytes(model)
+        unfused = weight_bytes(model)
         acceleration.fuse_qkv_in_place(model)
-        assert weight_storage_bytes(model) == unfused
+        assert weight_bytes(model) == unfused
         assert not any(param.requires_grad for param in model.parameters())  # as loading left them
 
 

@@ -1,11 +1,17 @@
-"""The benchmark's quick mode runs the real predictor path and plain diffusers, and writes its tables."""
+"""The benchmark: its quick mode end to end, and the plain-diffusers baseline it compares with."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.attention_processor import AttnProcessor2_0
+
+from models.acceleration import fuse_qkv_in_place
 from tests.scripts import load_script
+from tests.test_acceleration import unet_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,12 +43,6 @@ def test_quick_benchmark_writes_json_and_markdown(tiny_weights, tmp_path):
 
 
 def test_baseline_built_around_our_weights_is_stock_diffusers_with_the_same_output(tiny_weights):
-    import torch
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    from models.acceleration import fuse_qkv_in_place
-    from tests.test_acceleration import unet_inputs
 
     benchmark = load_script("benchmark")
     stock = UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").eval()
@@ -57,10 +57,6 @@ def test_baseline_built_around_our_weights_is_stock_diffusers_with_the_same_outp
 
 
 def test_baseline_vae_gets_back_the_default_layout(tiny_weights):
-    import torch
-    from diffusers import AutoencoderKL
-
-    from models.acceleration import fuse_qkv_in_place
 
     benchmark = load_script("benchmark")
     stock = AutoencoderKL.from_pretrained(tiny_weights, subfolder="vae").eval()
@@ -74,8 +70,6 @@ def test_baseline_vae_gets_back_the_default_layout(tiny_weights):
 
 
 def test_baseline_loads_a_flash_shaped_lora_unfused_around_our_untouched_weights(pipeline, tiny_weights, tmp_path):
-    import torch
-
     benchmark = load_script("benchmark")
     lora = tmp_path / "lora.safetensors"
     benchmark.write_random_lora(pipeline.unet, lora)
