@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from models import maps
 from models.errors import InputError
@@ -59,3 +60,15 @@ def test_composite_alpha_fades_in_for_faint_maps():
 
 def test_all_black_map_keeps_everything():
     assert (maps.composite_alpha(torch.zeros(32, 48)) == 0).all()
+
+
+def test_composite_alpha_is_a_square_dilation_then_a_square_box_blur():
+    """The row-by-row passes compute the 2-D square windows they stand for, at the borders too."""
+    torch.manual_seed(0)
+    change_map = torch.rand(37, 53) ** 4
+    radius, size = 3, 7
+    coverage = (change_map / maps.FULL_BLEND_AT).clamp(0.0, 1.0)[None, None]
+    dilated = F.max_pool2d(coverage, size, stride=1, padding=radius)
+    blurred = F.avg_pool2d(dilated, size, stride=1, padding=radius, count_include_pad=False)
+    expected = blurred[0, 0].clamp(0.0, 1.0)
+    torch.testing.assert_close(maps.composite_alpha(change_map, feather_px=radius), expected)
