@@ -38,8 +38,18 @@ def test_quick_benchmark_writes_json_and_markdown(tiny_weights, tmp_path):
     assert [name for name in baseline_stages if name.startswith("unet_step")] == [
         f"unet_step_{i}" for i in (1, 2, 3, 4)
     ]
+    [pair] = row["paired_speedups"]
+    assert pair == row["diffusers"]["runs_s"][0] / row["ours"]["runs_s"][0]
     table = (tmp_path / "benchmark.md").read_text()
     assert "| 256x256 | 1 |" in table and "speed-up" in table and "Stages of plain diffusers" in table
+    assert f"{pair:.2f}-{pair:.2f}x, ahead in {int(pair > 1)} of 1" in table
+
+
+def test_paired_speedups_compare_the_runs_of_each_repeat():
+    benchmark = load_script("benchmark")
+    measured = {"ours": {"runs_s": [1.0, 2.0, 1.0]}, "diffusers": {"runs_s": [1.5, 1.0, 1.0]}}
+    assert benchmark.paired_speedups(measured) == [1.5, 0.5, 1.0]
+    assert benchmark.paired_speedups({"ours": {"runs_s": [1.0]}}) is None
 
 
 def test_baseline_built_around_our_weights_is_stock_diffusers_with_the_same_output(tiny_weights):
