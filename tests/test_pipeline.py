@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from models import imageio, maps
-from models.loading import select_device
+from models.loading import load_pipeline, select_device
 from models.pipeline import EditRequest
 from models.sizing import working_size
 from tests.conftest import photo
@@ -133,3 +133,19 @@ def test_device_is_cuda_in_bf16_when_available_else_cpu_fp32(monkeypatch):
     assert select_device() == (torch.device("cpu"), torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert select_device() == (torch.device("cuda"), torch.bfloat16)
+
+
+def test_gpu_dtype_runs_every_model_in_bf16_with_no_vae_upcast(tiny_weights):
+    """The GPU path's dtype, run here on a CPU: UNet and both VAE passes see bf16 inputs, and black still keeps."""
+    pipeline = load_pipeline(tiny_weights, torch.device("cpu"), torch.bfloat16)
+    seen: dict[str, set[torch.dtype]] = {}
+    models = {"unet": pipeline.unet, "encoder": pipeline.vae.encoder, "decoder": pipeline.vae.decoder}
+    for name, model in models.items():
+        model.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, set()).add(args[0].dtype))
+    image = photo(320, 240)
+    outputs = edit(pipeline, image, half_map(240, 320), seed=4, num_outputs=2)
+    assert seen == {"unet": {torch.bfloat16}, "encoder": {torch.bfloat16}, "decoder": {torch.bfloat16}}
+    for output in outputs:
+        assert output.shape == image.shape
+        assert np.array_equal(output[:, :100], image[:, :100])
+        assert changed_amount(output[:, 200:], image[:, 200:]) > 10
