@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from models import imageio, maps
+from models import pipeline as pipeline_module
 from models.loading import load_pipeline, select_device
 from models.pipeline import EditRequest
 from models.sizing import working_size
@@ -149,3 +150,33 @@ def test_gpu_dtype_runs_every_model_in_bf16_with_no_vae_upcast(tiny_weights):
         assert output.shape == image.shape
         assert np.array_equal(output[:, :100], image[:, :100])
         assert changed_amount(output[:, 200:], image[:, 200:]) > 10
+
+
+HOST_SYNCS = ("item", "tolist", "cpu", "numpy", "__bool__", "__float__", "__int__", "__index__")
+"""Tensor methods that make the host wait for the device: none may run inside the denoising loop."""
+
+
+def test_denoising_loop_never_waits_for_the_device(pipeline, monkeypatch):
+    in_loop, syncs = [False], []
+    sample = pipeline_module.sampler.sample
+
+    def watched_sample(*args, **kwargs):
+        in_loop[0] = True
+        try:
+            return sample(*args, **kwargs)
+        finally:
+            in_loop[0] = False
+
+    def recording(method, name):
+        def call(tensor, *args, **kwargs):
+            if in_loop[0]:
+                syncs.append(name)
+            return method(tensor, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(pipeline_module.sampler, "sample", watched_sample)
+    for name in HOST_SYNCS:
+        monkeypatch.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name), name))
+    edit(pipeline, photo(256, 256), half_map(256, 256), seed=5, num_outputs=2)
+    assert syncs == []
