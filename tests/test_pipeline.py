@@ -180,3 +180,18 @@ def test_denoising_loop_never_waits_for_the_device(pipeline, monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, recording(getattr(torch.Tensor, name), name))
     edit(pipeline, photo(256, 256), half_map(256, 256), seed=5, num_outputs=2)
     assert syncs == []
+
+
+def test_outputs_share_one_vae_encode_and_go_through_the_unet_as_one_batch(pipeline):
+    batches: dict[str, list[int]] = {"unet": [], "encoder": [], "decoder": []}
+    models = {"unet": pipeline.unet, "encoder": pipeline.vae.encoder, "decoder": pipeline.vae.decoder}
+    hooks = [
+        model.register_forward_pre_hook(lambda module, args, name=name: batches[name].append(len(args[0])))
+        for name, model in models.items()
+    ]
+    try:
+        edit(pipeline, photo(256, 256), half_map(256, 256), seed=6, num_outputs=3)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert batches == {"unet": [3, 3, 3, 3], "encoder": [1], "decoder": [3]}
