@@ -2,6 +2,8 @@
 
 import io
 import itertools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
@@ -136,15 +138,28 @@ def test_device_is_cuda_in_bf16_when_available_else_cpu_fp32(monkeypatch):
     assert select_device() == (torch.device("cuda"), torch.bfloat16)
 
 
+@contextmanager
+def model_inputs(pipeline, record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call record(name, first input) on every UNet, VAE encoder and VAE decoder call inside the block."""
+    models = {"unet": pipeline.unet, "encoder": pipeline.vae.encoder, "decoder": pipeline.vae.decoder}
+    hooks = [
+        model.register_forward_pre_hook(lambda module, args, name=name: record(name, args[0]))
+        for name, model in models.items()
+    ]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def test_gpu_dtype_runs_every_model_in_bf16_with_no_vae_upcast(tiny_weights):
     """The GPU path's dtype, run here on a CPU: UNet and both VAE passes see bf16 inputs, and black still keeps."""
     pipeline = load_pipeline(tiny_weights, torch.device("cpu"), torch.bfloat16)
     seen: dict[str, set[torch.dtype]] = {}
-    models = {"unet": pipeline.unet, "encoder": pipeline.vae.encoder, "decoder": pipeline.vae.decoder}
-    for name, model in models.items():
-        model.register_forward_pre_hook(lambda module, args, name=name: seen.setdefault(name, set()).add(args[0].dtype))
     image = photo(320, 240)
-    outputs = edit(pipeline, image, half_map(240, 320), seed=4, num_outputs=2)
+    with model_inputs(pipeline, lambda name, tensor: seen.setdefault(name, set()).add(tensor.dtype)):
+        outputs = edit(pipeline, image, half_map(240, 320), seed=4, num_outputs=2)
     assert seen == {"unet": {torch.bfloat16}, "encoder": {torch.bfloat16}, "decoder": {torch.bfloat16}}
     for output in outputs:
         assert output.shape == image.shape
@@ -183,15 +198,7 @@ def test_denoising_loop_never_waits_for_the_device(pipeline, monkeypatch):
 
 
 def test_outputs_share_one_vae_encode_and_go_through_the_unet_as_one_batch(pipeline):
-    batches: dict[str, list[int]] = {"unet": [], "encoder": [], "decoder": []}
-    models = {"unet": pipeline.unet, "encoder": pipeline.vae.encoder, "decoder": pipeline.vae.decoder}
-    hooks = [
-        model.register_forward_pre_hook(lambda module, args, name=name: batches[name].append(len(args[0])))
-        for name, model in models.items()
-    ]
-    try:
+    batches: dict[str, list[int]] = {}
+    with model_inputs(pipeline, lambda name, tensor: batches.setdefault(name, []).append(len(tensor))):
         edit(pipeline, photo(256, 256), half_map(256, 256), seed=6, num_outputs=3)
-    finally:
-        for hook in hooks:
-            hook.remove()
     assert batches == {"unet": [3, 3, 3, 3], "encoder": [1], "decoder": [3]}
