@@ -1,4 +1,4 @@
-"""The fast path: fused QKV projections, channels_last convolutions, and an opt-in torch.compile.
+"""The fast path: fused QKV projections, sub-pixel upsamplers, channels_last convolutions, and an opt-in torch.compile.
 
 Compile is off by default: it costs minutes at the first boot (cached on disk for later boots, in
 $TORCHINDUCTOR_CACHE_DIR, by default next to the weights) and every new working size compiles again.
@@ -11,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers.models.attention_processor import Attention, FusedAttnProcessor2_0
+from diffusers.models.upsampling import Upsample2D
 
 from .pipeline import DifferentialDiffusionPipeline, EditRequest
 
@@ -36,6 +38,7 @@ def speed_up(pipeline: DifferentialDiffusionPipeline, compile_cache: Path | None
         model.to(memory_format=torch.channels_last)
     for model in (pipeline.unet, pipeline.vae):
         fuse_qkv_in_place(model)
+        use_subpixel_upsamplers(model)
     if compile_requested():
         compile_and_warm_up(pipeline, compile_cache)
 
@@ -73,6 +76,94 @@ def concatenated_linear(parts: list[torch.nn.Linear]) -> torch.nn.Linear:
         for part, piece in zip(parts, pieces, strict=True):
             setattr(part, name, torch.nn.Parameter(piece, requires_grad=False))
     return fused
+
+
+def subpixel_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """A 3x3 convolution after a 2x nearest upsample, as four 2x2 kernels on the input before upsampling.
+
+    Output pixel (2i + a, 2j + b) sees input rows i-1, i (a = 0) or i, i+1 (a = 1), and likewise columns, so each
+    output phase (a, b) is one 2x2 convolution whose taps sum the 3x3 taps that land on the same input pixel.
+    Returns (4 * out, in, 2, 2), phase-major: kernel (a, b) holds rows (2a + b) * out to (2a + b + 1) * out.
+    """
+
+    def fold(kernel: torch.Tensor, dim: int, phase: int) -> torch.Tensor:
+        before, centre, after = kernel.unbind(dim)
+        return torch.stack([before, centre + after] if phase == 0 else [before + centre, after], dim)
+
+    summed = weight.double()  # the taps are summed once, in double, and rounded once to the model's dtype
+    kernels = [fold(fold(summed, 2, a), 3, b) for a in (0, 1) for b in (0, 1)]
+    return torch.cat(kernels).to(weight.dtype)
+
+
+def subpixel_upsample_conv(hidden: torch.Tensor, kernels: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """conv3x3(nearest_upsample_2x(hidden)) from subpixel_kernels: 16 taps per input pixel instead of 36, and no
+    upsampled copy of the input. Keeps the input's memory format (channels_last or contiguous)."""
+    batch, _, height, width = hidden.shape
+    channels = kernels.shape[0] // 4
+    # Padding 1 on every side gives windows starting at rows -1 .. height-1: phase a reads the window at i + a.
+    phases = F.conv2d(hidden, kernels, None if bias is None else bias.repeat(4), padding=1)
+    if hidden.is_contiguous(memory_format=torch.channels_last):
+        by_phase = phases.permute(0, 2, 3, 1).unflatten(3, (2, 2, channels))
+        out = phases.new_empty(batch, height, 2, width, 2, channels)
+        for a in (0, 1):
+            for b in (0, 1):
+                out[:, :, a, :, b] = by_phase[:, a : a + height, b : b + width, a, b]
+        return out.view(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
+    by_phase = phases.unflatten(1, (2, 2, channels))
+    out = phases.new_empty(batch, channels, height, 2, width, 2)
+    for a in (0, 1):
+        for b in (0, 1):
+            out[:, :, :, a, :, b] = by_phase[:, a, b, :, a : a + height, b : b + width]
+    return out.view(batch, channels, 2 * height, 2 * width)
+
+
+class SubpixelUpsample2D(torch.nn.Module):
+    """diffusers' Upsample2D (2x nearest, then a 3x3 convolution) computed by subpixel_upsample_conv.
+
+    Keeps the original convolution, so the state dict is unchanged and an output size other than 2x (which the
+    UNet asks for only at sizes off its grid) takes the original path. The folded kernels are a non-persistent
+    buffer of 16/9 the convolution's size: ~85 MB for SDXL in bf16.
+    """
+
+    def __init__(self, upsampler: Upsample2D):
+        super().__init__()
+        self.channels = upsampler.channels
+        self.conv = upsampler.conv
+        weight = self.conv.weight.detach()
+        layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else None
+        kernels = subpixel_kernels(weight)
+        self.register_buffer(
+            "kernels", kernels.contiguous(memory_format=layout) if layout else kernels, persistent=False
+        )
+
+    @staticmethod
+    def supports(upsampler: Upsample2D) -> bool:
+        conv = upsampler.conv
+        return (
+            upsampler.use_conv
+            and upsampler.interpolate
+            and not upsampler.use_conv_transpose
+            and upsampler.norm is None
+            and isinstance(conv, torch.nn.Conv2d)
+            and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+        )
+
+    def forward(self, hidden: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is not None and tuple(output_size) != (2 * hidden.shape[-2], 2 * hidden.shape[-1]):
+            return self.conv(F.interpolate(hidden, size=output_size, mode="nearest"))
+        return subpixel_upsample_conv(hidden, self.kernels, self.conv.bias)
+
+
+def use_subpixel_upsamplers(model: torch.nn.Module) -> None:
+    """Swap each upsample-then-convolve layer for SubpixelUpsample2D: same result, 2.25x fewer FLOPs there."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Upsample2D) and SubpixelUpsample2D.supports(module):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, SubpixelUpsample2D(module))
 
 
 def compile_and_warm_up(pipeline: DifferentialDiffusionPipeline, compile_cache: Path | None) -> None:

@@ -1,7 +1,9 @@
 """The fast path changes speed, not results."""
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.upsampling import Upsample2D
 
 from models import acceleration
 from models.loading import load_pipeline
@@ -57,9 +59,55 @@ def test_fused_qkv_projections_cost_no_weight_memory(tiny_weights):
         assert not any(param.requires_grad for param in model.parameters())  # as loading left them
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_subpixel_upsampler_equals_nearest_upsample_then_convolution(layout):
+    torch.manual_seed(0)
+    stock = Upsample2D(6, use_conv=True, out_channels=5).to(memory_format=layout)
+    hidden = torch.randn(2, 6, 7, 4).contiguous(memory_format=layout)  # odd and non-square: every border counts
+    subpixel = acceleration.SubpixelUpsample2D(stock)
+    with torch.inference_mode():
+        expected, upsampled = stock(hidden), subpixel(hidden)
+    torch.testing.assert_close(upsampled, expected, rtol=1e-5, atol=1e-5)
+    assert upsampled.is_contiguous(memory_format=layout)
+
+
+def test_subpixel_upsampler_takes_the_original_path_for_other_output_sizes():
+    torch.manual_seed(0)
+    stock = Upsample2D(3, use_conv=True)
+    hidden = torch.randn(1, 3, 4, 5)
+    with torch.inference_mode():
+        for size in [(8, 10), (9, 10)]:
+            torch.testing.assert_close(acceleration.SubpixelUpsample2D(stock)(hidden, size), stock(hidden, size))
+
+
+def test_subpixel_upsamplers_keep_the_unet_and_vae_outputs_and_state_dicts(tiny_weights):
+    unet = UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(tiny_weights, subfolder="vae").eval()
+    inputs, latents = unet_inputs(unet), torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(1))
+    state_dicts = {model: dict(model.state_dict()) for model in (unet, vae)}
+    with torch.inference_mode():
+        plain = unet(**inputs).sample, vae.decode(latents).sample
+        for model in (unet, vae):
+            acceleration.use_subpixel_upsamplers(model)
+        subpixel = unet(**inputs).sample, vae.decode(latents).sample
+    swapped = [module for model in (unet, vae) for module in model.modules()]
+    assert not any(isinstance(module, Upsample2D) for module in swapped)
+    assert sum(isinstance(module, acceleration.SubpixelUpsample2D) for module in swapped) == 2 + 3
+    for model, before in state_dicts.items():
+        assert model.state_dict().keys() == before.keys()
+    for got, expected in zip(subpixel, plain, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_loaded_pipeline_runs_fused_attention(pipeline):
     attentions = [module for module in pipeline.unet.modules() if hasattr(module, "fused_projections")]
     assert attentions and all(module.fused_projections for module in attentions)
+
+
+def test_loaded_pipeline_upsamples_sub_pixel(pipeline):
+    modules = [*pipeline.unet.modules(), *pipeline.vae.modules()]
+    assert any(isinstance(module, acceleration.SubpixelUpsample2D) for module in modules)
+    assert not any(isinstance(module, Upsample2D) for module in modules)
 
 
 def test_cpu_pipeline_keeps_vae_convolutions_channels_last_and_the_unet_contiguous(pipeline):
