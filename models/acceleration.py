@@ -127,14 +127,11 @@ class SubpixelUpsample2D(torch.nn.Module):
 
     def __init__(self, upsampler: Upsample2D):
         super().__init__()
-        self.channels = upsampler.channels
         self.conv = upsampler.conv
         weight = self.conv.weight.detach()
-        layout = torch.channels_last if weight.is_contiguous(memory_format=torch.channels_last) else None
-        kernels = subpixel_kernels(weight)
-        self.register_buffer(
-            "kernels", kernels.contiguous(memory_format=layout) if layout else kernels, persistent=False
-        )
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        self.register_buffer("kernels", subpixel_kernels(weight).contiguous(memory_format=layout), persistent=False)
 
     @staticmethod
     def supports(upsampler: Upsample2D) -> bool:

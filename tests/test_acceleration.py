@@ -113,8 +113,14 @@ def test_loaded_pipeline_upsamples_sub_pixel(pipeline):
 def test_cpu_pipeline_keeps_vae_convolutions_channels_last_and_the_unet_contiguous(pipeline):
     assert pipeline.device.type == "cpu"
     vae_conv, unet_conv = pipeline.vae.decoder.conv_in.weight, pipeline.unet.conv_in.weight
-    assert vae_conv.is_contiguous(memory_format=torch.channels_last) and not vae_conv.is_contiguous()
-    assert unet_conv.is_contiguous()
+    vae_upsampler, unet_upsampler = (
+        pipeline.vae.decoder.up_blocks[0].upsamplers[0],
+        pipeline.unet.up_blocks[0].upsamplers[0],
+    )
+    for vae_weight in (vae_conv, vae_upsampler.kernels):
+        assert vae_weight.is_contiguous(memory_format=torch.channels_last) and not vae_weight.is_contiguous()
+    for unet_weight in (unet_conv, unet_upsampler.kernels):
+        assert unet_weight.is_contiguous()
 
 
 def test_compile_switch_compiles_and_warms_up_at_the_serving_shape(tiny_weights, monkeypatch):
