@@ -101,19 +101,15 @@ def subpixel_upsample_conv(hidden: torch.Tensor, kernels: torch.Tensor, bias: to
     batch, _, height, width = hidden.shape
     channels = kernels.shape[0] // 4
     # Padding 1 on every side gives windows starting at rows -1 .. height-1: phase a reads the window at i + a.
-    phases = F.conv2d(hidden, kernels, None if bias is None else bias.repeat(4), padding=1)
+    phases = F.conv2d(hidden, kernels, None if bias is None else bias.repeat(4), padding=1).unflatten(1, (2, 2, -1))
+    # out is (batch, channels, row, row phase, column, column phase), laid out in memory as the input is.
     if hidden.is_contiguous(memory_format=torch.channels_last):
-        by_phase = phases.permute(0, 2, 3, 1).unflatten(3, (2, 2, channels))
-        out = phases.new_empty(batch, height, 2, width, 2, channels)
-        for a in (0, 1):
-            for b in (0, 1):
-                out[:, :, a, :, b] = by_phase[:, a : a + height, b : b + width, a, b]
-        return out.view(batch, 2 * height, 2 * width, channels).permute(0, 3, 1, 2)
-    by_phase = phases.unflatten(1, (2, 2, channels))
-    out = phases.new_empty(batch, channels, height, 2, width, 2)
+        out = phases.new_empty(batch, height, 2, width, 2, channels).permute(0, 5, 1, 2, 3, 4)
+    else:
+        out = phases.new_empty(batch, channels, height, 2, width, 2)
     for a in (0, 1):
         for b in (0, 1):
-            out[:, :, :, a, :, b] = by_phase[:, a, b, :, a : a + height, b : b + width]
+            out[:, :, :, a, :, b] = phases[:, a, b, :, a : a + height, b : b + width]
     return out.view(batch, channels, 2 * height, 2 * width)
 
 
