@@ -4,6 +4,7 @@ Compile is off by default: it costs minutes at the first boot (cached on disk fo
 $TORCHINDUCTOR_CACHE_DIR, by default next to the weights) and every new working size compiles again.
 """
 
+import functools
 import logging
 import os
 import time
@@ -39,6 +40,7 @@ def speed_up(pipeline: DifferentialDiffusionPipeline, compile_cache: Path | None
     for model in (pipeline.unet, pipeline.vae):
         fuse_qkv_in_place(model)
         use_subpixel_upsamplers(model)
+    pipeline.loras.on_change = functools.partial(refresh_derived_weights, pipeline.unet)
     if compile_requested():
         compile_and_warm_up(pipeline, compile_cache)
 
@@ -132,6 +134,11 @@ class SubpixelUpsample2D(torch.nn.Module):
         layout = torch.channels_last if channels_last else torch.contiguous_format
         self.register_buffer("kernels", subpixel_kernels(weight).contiguous(memory_format=layout), persistent=False)
 
+    @torch.no_grad()
+    def refold(self) -> None:
+        """Fold the kernels again after the convolution's weight changed (a LoRA merged or restored), in place."""
+        self.kernels.copy_(subpixel_kernels(self.conv.weight.detach()))
+
     @staticmethod
     def supports(upsampler: Upsample2D) -> bool:
         conv = upsampler.conv
@@ -160,6 +167,18 @@ def use_subpixel_upsamplers(model: torch.nn.Module) -> None:
         if isinstance(module, Upsample2D) and SubpixelUpsample2D.supports(module):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, SubpixelUpsample2D(module))
+
+
+def refresh_derived_weights(unet: torch.nn.Module, changed: set[tuple[str, str]]) -> None:
+    """Recompute what the fast path precomputed from weights that a LoRA changed: the sub-pixel upsamplers' kernels.
+
+    Fused QKV projections need nothing: the separate projections' weights are views of the fused one, so a change
+    made in place to either is seen by both.
+    """
+    for component, name in changed:
+        parent = unet.get_submodule(name.rpartition(".")[0]) if component == "unet" else None
+        if isinstance(parent, SubpixelUpsample2D):
+            parent.refold()
 
 
 def compile_and_warm_up(pipeline: DifferentialDiffusionPipeline, compile_cache: Path | None) -> None:

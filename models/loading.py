@@ -1,9 +1,10 @@
 """Loading the model folder: the only code that reads weight files.
 
-The folder must match its manifest (models/weights.py) before anything is read. Each component is built on the
-meta device and its safetensors tensors are loaded straight onto the target device (diffusers and transformers
-from_pretrained with a device_map), then cast to the target dtype there: no random initialisation, and nothing
-LoRA-related (the LoRA is fused into the UNet ahead of time, so peft is never imported).
+The folder must match its manifest (models/weights.py) before anything is read; a missing or damaged folder is
+built first (models/weights_build.py), unless the Hub is out of reach. Each component is built on the meta device and
+its safetensors tensors are loaded straight onto the target device (diffusers and transformers from_pretrained with
+a device_map), then cast to the target dtype there: no random initialisation. The Flash-SDXL LoRA is fused into the
+UNet's weights by models/lora.py, so peft is never imported.
 """
 
 import logging
@@ -15,9 +16,12 @@ import torch
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from . import lora
 from .acceleration import speed_up
+from .errors import WeightsError
 from .pipeline import DifferentialDiffusionPipeline
 from .weights import Manifest, check_against_manifest, model_cache
+from .weights_build import SNAPSHOTS_SWITCH, DownloadError, build_weights, hub_is_offline
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,24 @@ def check_folder(folder: Path, hashes: bool | None = None) -> Manifest:
     return manifest
 
 
+def prepare_folder(folder: Path, build_missing: bool = True) -> Manifest:
+    """The folder's manifest once it is complete: a missing or damaged folder is built first, as download-weights
+    does, when the Hub (or $WEIGHTS_SNAPSHOTS) can be reached; otherwise one line naming the command to run."""
+    try:
+        return check_folder(folder)
+    except WeightsError as problem:
+        if not build_missing or (hub_is_offline() and not os.environ.get(SNAPSHOTS_SWITCH)):
+            raise
+        log.warning("%s", problem)
+        log.info("building %s now, as scripts/download-weights does (about 7 GB from the Hub)", folder.absolute())
+        try:
+            build_weights(folder)
+        except (DownloadError, OSError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise WeightsError(f"{problem} (building it here failed: {reason})") from None
+    return check_folder(folder)
+
+
 def stored_dtype(manifest: Manifest, target: torch.dtype) -> torch.dtype:
     """The dtype to read the tensors in: the files' own, so that the cast to the target runs on the device.
 
@@ -86,14 +108,34 @@ def keeps_float32_modules(model_class: type) -> bool:
     return bool(getattr(model_class, "_keep_in_fp32_modules", None))
 
 
+def fuse_flash_lora(unet: torch.nn.Module, folder: Path, manifest: Manifest, dtype: torch.dtype) -> None:
+    """Fuse the folder's LoRA into the UNet, from the stored weights, rounding once to the target dtype."""
+    if manifest.lora is None:
+        return
+    started = time.perf_counter()
+    try:
+        updates = lora.read_lora(folder / manifest.lora["file"], {"unet": unet})
+    except lora.LoraError as error:
+        raise WeightsError(f"{manifest.lora['file']} in {folder.resolve()}: {error}") from None
+    lora.fuse(lora.Targets.of({"unet": unet}), updates, float(manifest.lora["scale"]), dtype)
+    log.info("fused %s (%d layers) in %.2fs", manifest.lora["file"], len(updates), time.perf_counter() - started)
+
+
 def load_pipeline(
-    folder: Path | None = None, device: torch.device | None = None, dtype: torch.dtype | None = None
+    folder: Path | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    build_missing: bool = True,
 ) -> DifferentialDiffusionPipeline:
-    """Load every component from safetensors straight onto the device, in the target dtype, logging each one's time."""
+    """Load every component from safetensors straight onto the device, in the target dtype, logging each one's time.
+
+    build_missing: build a missing or damaged folder first, when the Hub can be reached.
+    """
     folder = Path(folder) if folder is not None else model_cache()
     if device is None or dtype is None:
         device, dtype = select_device()
-    stored = stored_dtype(check_folder(folder), dtype)
+    manifest = prepare_folder(folder, build_missing)
+    stored = stored_dtype(manifest, dtype)
     started = time.perf_counter()
     components: dict = {}
     for name, model_class in MODELS.items():
@@ -106,6 +148,8 @@ def load_pipeline(
             use_safetensors=True,
             local_files_only=True,
         )
+        if name == "unet":
+            fuse_flash_lora(model, folder, manifest, dtype)
         # nn.Module.to: ModelMixin.to warns about float32-kept modules on every cast, even when there are none.
         components[name] = torch.nn.Module.to(model, device, dtype).eval().requires_grad_(False)
         log.info("loaded %s in %.2fs", name, time.perf_counter() - loaded_at)

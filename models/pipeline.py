@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
 from . import maps, sampler
+from .lora import LoraMerger
 from .sizing import WORKING_AREA, aspect_distortion, working_size
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,9 @@ class DifferentialDiffusionPipeline:
         self.scheduler: LCMScheduler = sdxl.scheduler
         self.device = device
         self.dtype = dtype
+        self.loras = LoraMerger(
+            {"unet": sdxl.unet, "text_encoder": sdxl.text_encoder, "text_encoder_2": sdxl.text_encoder_2}
+        )
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @torch.inference_mode()

@@ -1,7 +1,8 @@
 """The weights: where they come from, and the manifest that says what a finished weights folder holds.
 
-`scripts/download-weights` builds the folder from `DEFAULT_SOURCES` and writes the manifest; `setup()` reads the
-manifest and refuses a folder that does not match it. Both read this one module.
+`models/weights_build.py` builds the folder from `DEFAULT_SOURCES` and writes the manifest (for
+`scripts/download-weights`, and for `setup()` when the folder is missing); loading reads the manifest and refuses a
+folder that does not match it. Both read this one module.
 
 Check policy: `check_against_manifest(hashes=False)` looks at the file list and every size (a stat per file,
 milliseconds), which catches missing, truncated, unlisted and pickle files; with `hashes=True` it also hashes every
@@ -28,13 +29,16 @@ from safetensors import safe_open
 from .errors import WeightsError
 
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = 1
+MANIFEST_FORMAT = 2
+"""2: the UNet as published and the Flash-SDXL LoRA file beside it, fused at load (1: the LoRA fused into the file)."""
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
 HASH_CHUNK = 16 << 20
 DOWNLOAD_COMMAND = "python scripts/download-weights"
 DEFAULT_MODEL_CACHE = "model-cache"
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_FOLDER = "flash-lora"
+"""Where the Flash-SDXL LoRA file lies in the weights folder, unmodified (its licence allows no adaptation)."""
 
 
 @dataclass(frozen=True)
@@ -110,10 +114,10 @@ class Manifest:
     """What a finished weights folder holds: where it came from, and every file's size and sha256."""
 
     sources: dict[str, dict[str, Any]]
-    fused: bool
     dtype: str
     files: dict[str, FileRecord]
     lora: dict[str, Any] | None = None
+    """The LoRA that loading fuses into the UNet: {"file": path in the folder, "scale": ...}; None for none."""
     format: int = MANIFEST_FORMAT
 
     def to_json(self) -> str:
@@ -123,19 +127,20 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         if data.get("format") != MANIFEST_FORMAT:
-            raise ValueError(f"manifest format {data.get('format')!r}, expected {MANIFEST_FORMAT}")
+            raise ValueError(f"format {data.get('format')!r} is an older layout than this version's {MANIFEST_FORMAT}")
         files = {name: FileRecord(**record) for name, record in data.pop("files").items()}
         return cls(files=files, **data)
 
     def describe(self) -> str:
-        """One line for the logs: each source at its commit, and whether the LoRA is fused."""
+        """One line for the logs: each source at its commit, and the LoRA fused at load."""
         parts = [
             f"{source['repo']}@{str(source.get('commit') or source.get('revision'))[:10]}"
             if "repo" in source
             else f"{name} {source}"
             for name, source in self.sources.items()
         ]
-        return f"{', '.join(parts)}; LoRA {'fused' if self.fused else 'not fused'}; {self.dtype}"
+        lora = f"LoRA {self.lora['file']} fused at load" if self.lora else "no LoRA"
+        return f"{', '.join(parts)}; {lora}; {self.dtype}"
 
 
 def model_cache() -> Path:
@@ -199,7 +204,8 @@ def write_manifest(
 ) -> Manifest:
     """Hash every file of a finished folder and write manifest.json next to them.
 
-    `lora` describes the fused LoRA (for example its scale and number of layers); None means none is fused.
+    `lora` names the LoRA file that loading fuses into the UNet, and its scale; None means none. `dtype` is the
+    models' own (the LoRA file, float32 as published, is left out).
     Refuses a folder holding pickle files, so no manifest ever vouches for one.
     """
     names = folder_files(folder)
@@ -209,9 +215,8 @@ def write_manifest(
     digests = hash_files(folder, names, progress)
     manifest = Manifest(
         sources=sources,
-        fused=lora is not None,
         lora=lora,
-        dtype=weights_dtype(folder, names),
+        dtype=weights_dtype(folder, [name for name in names if name != (lora or {}).get("file")]),
         files={name: FileRecord(size=(folder / name).stat().st_size, sha256=digests[name]) for name in names},
     )
     partial = manifest_path(folder).with_suffix(".json.partial")
@@ -236,7 +241,7 @@ def read_manifest(folder: Path) -> Manifest:
         ) from None
     except (ValueError, TypeError, KeyError) as error:
         raise WeightsError(
-            f"{manifest_path(folder)} is unreadable ({error}): run `{DOWNLOAD_COMMAND}` to rebuild the folder"
+            f"{manifest_path(folder)} cannot be used ({error}): run `{DOWNLOAD_COMMAND}` to rebuild the folder"
         ) from None
 
 

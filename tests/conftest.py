@@ -23,6 +23,18 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def hub(tmp_path_factory, tiny_weights):
+    """Repositories laid out like the three real ones, made from the tiny weights, and a fetcher reading them."""
+    from tests.hub import FakeHub, build_hub
+
+    root = tmp_path_factory.mktemp("hub")
+    fake = FakeHub(root)
+    fake.lora = build_hub(root, tiny_weights)
+    fake.tiny = tiny_weights
+    return fake
+
+
+@pytest.fixture(scope="session")
 def pipeline(tiny_weights):
     from models.loading import load_pipeline
 

@@ -37,6 +37,7 @@ class RunningServer:
     url: str
     process: subprocess.Popen
     log_path: Path
+    status: str = "READY"
 
     def worker_pid(self) -> int:
         """The predictor's worker: coglet runs it as a child process of the server."""
@@ -63,9 +64,14 @@ def resident_bytes(pid: int) -> int:
 
 @contextmanager
 def running_cog_server(
-    model_cache: Path, log_path: Path, env: dict[str, str] | None = None, startup_timeout: float = 180.0
+    model_cache: Path,
+    log_path: Path,
+    env: dict[str, str] | None = None,
+    startup_timeout: float = 180.0,
+    setup_may_fail: bool = False,
 ):
-    """Start `python -m cog.server.http` on a free loopback port; yield it once READY."""
+    """Start `python -m cog.server.http` on a free loopback port; yield it once READY (or SETUP_FAILED, when
+    setup_may_fail)."""
     port = free_port()
     server_env = {
         **os.environ,
@@ -88,11 +94,12 @@ def running_cog_server(
         url = f"http://127.0.0.1:{port}"
         try:
             deadline = time.monotonic() + startup_timeout
-            while health(url) != "READY":
-                if server.poll() is not None or time.monotonic() > deadline or health(url) == "SETUP_FAILED":
+            settled = ("READY", "SETUP_FAILED") if setup_may_fail else ("READY",)
+            while (status := health(url)) not in settled:
+                if server.poll() is not None or time.monotonic() > deadline or status == "SETUP_FAILED":
                     raise RuntimeError(f"Cog server did not become ready; see {log_path}")
                 time.sleep(0.5)
-            yield RunningServer(url, server, log_path)
+            yield RunningServer(url, server, log_path, status)
         finally:
             server.terminate()
             try:

@@ -1,6 +1,8 @@
 """The benchmark: its quick mode end to end, and the plain-diffusers baseline it compares with."""
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,7 +34,7 @@ def test_quick_benchmark_writes_json_and_markdown(tiny_weights, tmp_path):
     assert row["total_flops"] > 4 * row["flops"]["unet_step"] > 0 and row["floor_s"] > 0
     assert row["ours"]["peak_working_memory_bytes"] > 0 and report["meta"]["order"] == "interleaved"
     assert report["meta"]["baseline_shares_our_weights"]
-    assert Path(report["meta"]["baseline_lora"]).name == f"{tiny_weights.name}.random-lora.safetensors"
+    assert report["meta"]["baseline_lora"] == str(tiny_weights / "flash-lora" / "pytorch_lora_weights.safetensors")
     baseline_stages = row["diffusers"]["profiled_s"]
     assert {"pipeline", "text_encode", "vae_encode", "vae_decode"} <= set(baseline_stages)
     assert [name for name in baseline_stages if name.startswith("unet_step")] == [
@@ -79,12 +81,11 @@ def test_baseline_vae_gets_back_the_default_layout(tiny_weights):
         torch.testing.assert_close(baseline.decode(latents).sample, stock.decode(latents).sample, rtol=0, atol=0)
 
 
-def test_baseline_loads_a_flash_shaped_lora_unfused_around_our_untouched_weights(pipeline, tiny_weights, tmp_path):
+def test_baseline_loads_the_folders_lora_unfused_around_our_untouched_weights(pipeline, tiny_weights):
     benchmark = load_script("benchmark")
-    lora = tmp_path / "lora.safetensors"
-    benchmark.write_random_lora(pipeline.unet, lora)
+    lora = benchmark.baseline_lora(argparse.Namespace(no_baseline_lora=False, baseline_lora=None), tiny_weights)
     sdxl = benchmark.load_diffusers(tiny_weights, torch.device("cpu"), lora, ours=pipeline)
     adapted = [name for name, module in sdxl.unet.named_modules() if hasattr(module, "lora_A")]
-    assert adapted and all(benchmark.LORA_TARGETS.search(name) for name in adapted)
+    assert adapted and all(re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name) for name in adapted)
     assert not any(hasattr(module, "lora_A") for module in pipeline.unet.modules())
     assert sdxl.unet.conv_in.weight.data_ptr() == pipeline.unet.conv_in.weight.data_ptr()
