@@ -10,10 +10,21 @@ from cog import BaseRunner, Input, Path
 
 from models import resources
 from models.editor import edit_files
-from models.imageio import OUTPUT_FORMATS, write_outputs
-from models.inputs import DEFAULT_PROMPT, MAX_SEED, EditOptions, OutputOptions, fetched_file
-from models.limits import MAX_GUIDANCE_SCALE, MAX_NUM_OUTPUTS, MAX_STEPS, MIN_STEPS
+from models.imageio import write_outputs
+from models.inputs import EditOptions, OutputOptions, fetched_file
 from models.loading import load_pipeline
+
+# Cog's build reads the schema from this file without running it: every Input() argument below is a literal or one
+# of these literal constants (imported names are not resolved). tests/test_schema.py checks that they equal the
+# limits the package enforces at run time, which a server started without the schema still applies.
+DEFAULT_PROMPT = "a high quality, detailed photograph"
+MAX_PROMPT_CHARS = 2000
+MIN_STEPS = 1
+MAX_STEPS = 16
+MAX_NUM_OUTPUTS = 4
+MAX_SEED = 4294967295
+MAX_GUIDANCE_SCALE = 20.0
+OUTPUT_FORMATS = ["webp", "png", "jpg"]
 
 log = logging.getLogger("predict")
 
@@ -30,11 +41,12 @@ class Predictor(BaseRunner):
 
     def run(
         self,
-        prompt: str = Input(description="What the changed areas should show.", default=DEFAULT_PROMPT),
+        prompt: str = Input(
+            description="What the changed areas should show.", default=DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS
+        ),
         image: Path = Input(description="The picture to edit (PNG, JPEG, WebP, GIF, BMP or TIFF)."),
         map: Path = Input(  # noqa: A002 - the public input name
-            description="Grayscale change map: black keeps a pixel exactly, white regenerates it, grey changes "
-            "it partly. Any size with the image's aspect ratio; colour maps use their luminance."
+            description="Grayscale change map: black keeps a pixel exactly, white regenerates it, grey changes it partly. Any size with the image's aspect ratio; colour maps use their luminance."
         ),
         steps: int = Input(description="Denoising steps.", default=4, ge=MIN_STEPS, le=MAX_STEPS),
         strength: float = Input(description="Scales the whole map: 0 changes nothing.", default=1.0, ge=0.0, le=1.0),
@@ -45,7 +57,9 @@ class Predictor(BaseRunner):
             description="Random seed; leave empty for a random one (it is logged).", default=None, ge=0, le=MAX_SEED
         ),
         num_outputs: int = Input(description="Number of pictures to make.", default=1, ge=1, le=MAX_NUM_OUTPUTS),
-        negative_prompt: str = Input(description="What to avoid; used only when guidance_scale > 1.", default=""),
+        negative_prompt: str = Input(
+            description="What to avoid; used only when guidance_scale > 1.", default="", max_length=MAX_PROMPT_CHARS
+        ),
         guidance_scale: float = Input(
             description="Classifier-free guidance; Flash-SDXL is trained for 0 (off). Applies only above 1.",
             default=0.0,
@@ -53,7 +67,7 @@ class Predictor(BaseRunner):
             le=MAX_GUIDANCE_SCALE,
         ),
         output_format: str = Input(
-            description="Format of the output pictures.", default="webp", choices=list(OUTPUT_FORMATS)
+            description="Format of the output pictures.", default="webp", choices=OUTPUT_FORMATS
         ),
         output_quality: int = Input(description="Quality of webp and jpg outputs.", default=90, ge=1, le=100),
     ) -> list[Path]:
