@@ -13,3 +13,15 @@ MAX_GUIDANCE_SCALE = 20.0
 
 MAP_ASPECT_TOLERANCE = 0.01
 """Relative aspect-ratio difference between map and image still treated as the same aspect."""
+
+MAX_LORA_BYTES = 2 * 1024**3
+"""Largest LoRA file (or Replicate training .tar) fetched, in bytes: SDXL LoRAs reach ~1.7 GB at high rank."""
+
+LORA_CACHE_MAX_BYTES = 20 * 1024**3
+"""Default total size of the on-disk LoRA cache before least recently used entries are evicted."""
+
+LORA_CACHE_MIN_FREE_BYTES = 10 * 1024**3
+"""Default free disk space the LoRA cache keeps by evicting least recently used entries."""
+
+MIN_LORA_SCALE, MAX_LORA_SCALE = -1.0, 3.0
+"""Range of lora_scale and extra_lora_scale, as Replicate's SDXL and FLUX models take them."""
