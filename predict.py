@@ -6,12 +6,13 @@ import sys
 import tempfile
 import time
 
-from cog import BaseRunner, Input, Path
+from cog import BaseRunner, Input, Path, Secret
 
 from models import resources
 from models.editor import edit_files
+from models.fetch import LoraCache
 from models.imageio import write_outputs
-from models.inputs import EditOptions, OutputOptions, fetched_file
+from models.inputs import EditOptions, LoraOptions, OutputOptions, fetched_file
 from models.loading import load_pipeline
 
 # Cog's build reads the schema from this file without running it: every Input() argument below is a literal or one
@@ -25,6 +26,8 @@ MAX_NUM_OUTPUTS = 4
 MAX_SEED = 4294967295
 MAX_GUIDANCE_SCALE = 20.0
 OUTPUT_FORMATS = ["webp", "png", "jpg"]
+MIN_LORA_SCALE = -1.0
+MAX_LORA_SCALE = 3.0
 
 log = logging.getLogger("predict")
 
@@ -36,6 +39,7 @@ class Predictor(BaseRunner):
         started = time.perf_counter()
         resources.configure_heap()
         self.pipeline = load_pipeline()
+        self.lora_cache = LoraCache()
         self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
         log.info("setup took %.2fs", time.perf_counter() - started)
 
@@ -70,6 +74,23 @@ class Predictor(BaseRunner):
             description="Format of the output pictures.", default="webp", choices=OUTPUT_FORMATS
         ),
         output_quality: int = Input(description="Quality of webp and jpg outputs.", default=90, ge=1, le=100),
+        lora_weights: str = Input(
+            description="An SDXL LoRA: an http(s) URL of a .safetensors file (Civitai download links too) or of a Replicate training's .tar, a Hugging Face repo (owner/repo, or owner/repo/path/file.safetensors), or a data URI. LoRA, LoHa, LoKr and DoRA files from diffusers, kohya, ComfyUI, LyCORIS and EriDiffusion are read. Empty for none.",
+            default="",
+        ),
+        lora_scale: float = Input(
+            description="Strength of lora_weights; 0 turns it off.", default=1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE
+        ),
+        extra_lora: str = Input(
+            description="A second LoRA, from the same kinds of source as lora_weights.", default=""
+        ),
+        extra_lora_scale: float = Input(
+            description="Strength of extra_lora; 0 turns it off.", default=1.0, ge=MIN_LORA_SCALE, le=MAX_LORA_SCALE
+        ),
+        hf_api_token: Secret | None = Input(
+            description="Hugging Face token, for LoRAs in gated or private repositories.", default=None
+        ),
+        civitai_api_token: Secret | None = Input(description="Civitai API key, for LoRAs that need one.", default=None),
     ) -> list[Path]:
         started = time.perf_counter()
         options = EditOptions.from_inputs(
@@ -83,10 +104,13 @@ class Predictor(BaseRunner):
             seed=seed,
         )
         output = OutputOptions.from_inputs(output_format, output_quality)
+        loras = LoraOptions.from_inputs(
+            lora_weights, lora_scale, extra_lora, extra_lora_scale, hf_api_token, civitai_api_token
+        )
         image_path, map_path = fetched_file("image", image), fetched_file("map", map)
         shutil.rmtree(self.output_dir, ignore_errors=True)
         self.output_dir.mkdir(parents=True)
-        result = edit_files(self.pipeline, image_path, map_path, options)
+        result = edit_files(self.pipeline, image_path, map_path, options, loras=loras, lora_cache=self.lora_cache)
         paths = write_outputs(result.images, self.output_dir, output.format, output.quality)
         stages = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
         log.info("prediction took %.2fs (%s)", time.perf_counter() - started, stages or "no work")

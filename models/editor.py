@@ -7,9 +7,11 @@ from pathlib import Path
 import torch
 
 from . import imageio, maps, resources
-from .inputs import EditOptions
+from .fetch import LoraCache
+from .inputs import EditOptions, LoraOptions
 from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult
 from .sizing import WORKING_AREA
+from .user_loras import use_loras
 
 log = logging.getLogger(__name__)
 
@@ -20,18 +22,29 @@ def edit_files(
     map_path: Path,
     options: EditOptions,
     *,
+    loras: LoraOptions | None = None,
+    lora_cache: LoraCache | None = None,
+    allow_lora_paths: bool = False,
     working_area: int = WORKING_AREA,
     time_each_step: bool = False,
 ) -> EditResult:
-    """Check the work fits, read the picture and its change map, fit the map, and run the edit.
+    """Check the work fits, merge the request's LoRAs, read the picture and its change map, fit the map, and run
+    the edit.
 
     A failure or cancellation (a BaseException) frees what the edit held; running out of memory becomes one
-    line naming what to lower. working_area and time_each_step are for the benchmark.
+    line naming what to lower. allow_lora_paths lets local LoRA files through (the command line, never the
+    server); working_area and time_each_step are for the benchmark.
     """
     width, height = imageio.picture_size(image_path, "image")
     resources.check_memory(pipeline, options.num_outputs, width, height, working_area)
     try:
-        return _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step)
+        loras = loras or LoraOptions()
+        edit_bytes = resources.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area)
+        lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
+        result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step)
+        if loras.loras:
+            result.timings = {"loras": lora_seconds, **result.timings}
+        return result
     except BaseException as error:
         resources.release_memory(error)
         if isinstance(error, resources.OUT_OF_MEMORY_ERRORS):

@@ -3,13 +3,21 @@
 import math
 import secrets
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
 from .imageio import OUTPUT_FORMATS
-from .limits import MAX_GUIDANCE_SCALE, MAX_NUM_OUTPUTS, MAX_PROMPT_CHARS, MAX_STEPS, MIN_STEPS
+from .limits import (
+    MAX_GUIDANCE_SCALE,
+    MAX_LORA_SCALE,
+    MAX_NUM_OUTPUTS,
+    MAX_PROMPT_CHARS,
+    MAX_STEPS,
+    MIN_LORA_SCALE,
+    MIN_STEPS,
+)
 
 MAX_SEED = 2**32 - 1
 DEFAULT_PROMPT = "a high quality, detailed photograph"
@@ -130,4 +138,63 @@ class OutputOptions:
         return cls(
             format=choice("output_format", output_format, OUTPUT_FORMATS),
             quality=integer("output_quality", output_quality, 1, 100),
+        )
+
+
+def secret(name: str, value: Any) -> str | None:
+    """A token given as a Cog Secret (or plain text, from the command line); None when not given."""
+    if value is None:
+        return None
+    if hasattr(value, "get_secret_value"):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        raise InputError(f"{name}: must be text, got a JSON {JSON_KINDS.get(type(value), type(value).__name__)}")
+    return value.strip() or None
+
+
+def lora_source(name: str, value: Any) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InputError(f"{name}: must be text (a URL, a Hugging Face repo or a data URI), got {value!r}")
+    return value.strip()
+
+
+@dataclass(frozen=True)
+class LoraRequest:
+    """One LoRA input: its name (for messages), its source text and its scale."""
+
+    name: str
+    source: str
+    scale: float
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """The LoRA inputs, validated; the tokens never show in a repr (or a log line made from one)."""
+
+    loras: tuple[LoraRequest, ...] = ()
+    hf_token: str | None = field(default=None, repr=False)
+    civitai_token: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_inputs(
+        cls,
+        lora_weights: Any = "",
+        lora_scale: Any = 1.0,
+        extra_lora: Any = "",
+        extra_lora_scale: Any = 1.0,
+        hf_api_token: Any = None,
+        civitai_api_token: Any = None,
+    ) -> "LoraOptions":
+        loras = (
+            LoraRequest("lora_weights", lora_source("lora_weights", lora_weights),
+                        number("lora_scale", lora_scale, MIN_LORA_SCALE, MAX_LORA_SCALE)),
+            LoraRequest("extra_lora", lora_source("extra_lora", extra_lora),
+                        number("extra_lora_scale", extra_lora_scale, MIN_LORA_SCALE, MAX_LORA_SCALE)),
+        )  # fmt: skip
+        return cls(
+            loras=tuple(lora for lora in loras if lora.source),
+            hf_token=secret("hf_api_token", hf_api_token),
+            civitai_token=secret("civitai_api_token", civitai_api_token),
         )

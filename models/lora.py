@@ -282,6 +282,14 @@ def sgm_name(diffusers_name: str, blocks: Mapping[str, str]) -> str | None:
     return None
 
 
+def aliases(name: str, blocks: Mapping[str, str]) -> set[str]:
+    """The names files use for a module: a UNet's diffusers and SGM paths; a text encoder's paths with and without
+    the `text_model.` level (files keep it; transformers 5's CLIPTextModel has none)."""
+    if blocks:
+        return {name} | ({sgm} if (sgm := sgm_name(name, blocks)) else set())
+    return {name, name.removeprefix("text_model."), f"text_model.{name.removeprefix('text_model.')}"}
+
+
 @dataclass
 class Targets:
     """Every weight a LoRA can change, under each name a file may use for it."""
@@ -302,7 +310,7 @@ class Targets:
                 if not isinstance(module, nn.Linear | nn.Conv2d):
                     continue
                 targets.modules[component, name] = module
-                for alias in filter(None, (name, sgm_name(name, blocks) if blocks else None)):
+                for alias in aliases(name, blocks):
                     targets.dotted[component, alias] = name
                     targets.flat[prefix + flat(alias)] = (component, name)
         return targets
@@ -511,6 +519,14 @@ class LoraMerger:
         self.on_change = on_change
         self.originals: dict[tuple[str, str], torch.Tensor] = {}
         self.applied: tuple = ()
+        self.copies_device: torch.device | None = None
+        """Where the copies go: None keeps them beside the weights; the CPU spares a small GPU's memory."""
+
+    def copy_bytes(self, loras: Iterable[tuple[list[LayerUpdate], float]]) -> int:
+        """Memory the copies of the weights these LoRAs change would take."""
+        targets = {(update.component, update.module) for updates, _ in loras for update in updates}
+        weights = [self.targets.modules[target].weight for target in targets]
+        return sum(weight.numel() * weight.element_size() for weight in weights)
 
     def read(self, path: Path) -> list[LayerUpdate]:
         tensors, header = read_tensors(path)
@@ -545,7 +561,7 @@ class LoraMerger:
         try:
             for target, pairs in grouped.items():
                 weight = self.targets.modules[target].weight
-                self.originals[target] = weight.detach().clone()
+                self.originals[target] = weight.detach().to(self.copies_device or weight.device, copy=True)
                 weight.copy_(merged_weight(weight, pairs).to(weight.dtype))
         except BaseException:
             self.restore()

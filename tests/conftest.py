@@ -35,6 +35,19 @@ def hub(tmp_path_factory, tiny_weights):
 
 
 @pytest.fixture(scope="session")
+def tiny_models(tiny_weights) -> dict:
+    """The tiny UNet and text encoders as diffusers and transformers load them (no fast path, no LoRA fused)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(tiny_weights, subfolder="unet").eval(),
+        "text_encoder": CLIPTextModel.from_pretrained(tiny_weights, subfolder="text_encoder").eval(),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(tiny_weights, subfolder="text_encoder_2").eval(),
+    }
+
+
+@pytest.fixture(scope="session")
 def pipeline(tiny_weights):
     from models.loading import load_pipeline
 

@@ -1,9 +1,10 @@
 """Validation of every input: one clear line naming the input and what is allowed."""
 
 import pytest
+from cog import Secret
 
 from models.errors import InputError
-from models.inputs import DEFAULT_PROMPT, MAX_SEED, EditOptions, OutputOptions
+from models.inputs import DEFAULT_PROMPT, MAX_SEED, EditOptions, LoraOptions, LoraRequest, OutputOptions
 
 VALID = {
     "prompt": "a cat",
@@ -73,3 +74,25 @@ def test_output_formats(given, expected):
 def test_bad_output_options(fmt, quality):
     with pytest.raises(InputError, match=r"^output_(format|quality): "):
         OutputOptions.from_inputs(fmt, quality)
+
+
+def test_lora_inputs_are_validated_and_tokens_never_shown():
+    loras = LoraOptions.from_inputs(" https://x/a.safetensors ", 0.5, "", 1.0, Secret("hf_secret"), "civitai_secret")
+    assert loras.loras == (LoraRequest("lora_weights", "https://x/a.safetensors", 0.5),)
+    assert (loras.hf_token, loras.civitai_token) == ("hf_secret", "civitai_secret")
+    assert "secret" not in repr(loras)
+    assert LoraOptions.from_inputs().loras == () and LoraOptions.from_inputs().hf_token is None
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"lora_scale": 3.5}, "lora_scale: must be from -1 to 3"),
+        ({"extra_lora_scale": -2}, "extra_lora_scale: must be from -1 to 3"),
+        ({"lora_weights": 7}, "lora_weights: must be text"),
+        ({"hf_api_token": 7}, "hf_api_token: must be text"),
+    ],
+)
+def test_bad_lora_inputs_are_one_line(changes, message):
+    with pytest.raises(InputError, match=f"^{message}"):
+        LoraOptions.from_inputs(**changes)

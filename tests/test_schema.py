@@ -19,6 +19,7 @@ LITERAL_KEYWORDS = ("default", "ge", "le", "min_length", "max_length", "regex", 
 ORDER = [
     "prompt", "image", "map", "steps", "strength", "invert_map", "seed",
     "num_outputs", "negative_prompt", "guidance_scale", "output_format", "output_quality",
+    "lora_weights", "lora_scale", "extra_lora", "extra_lora_scale", "hf_api_token", "civitai_api_token",
 ]  # fmt: skip
 
 
@@ -113,6 +114,10 @@ def test_predict_states_the_limits_the_package_enforces():
         ("seed", "le"): inputs.MAX_SEED,
         ("guidance_scale", "le"): limits.MAX_GUIDANCE_SCALE,
         ("output_format", "choices"): list(imageio.OUTPUT_FORMATS),
+        ("lora_scale", "ge"): limits.MIN_LORA_SCALE,
+        ("lora_scale", "le"): limits.MAX_LORA_SCALE,
+        ("extra_lora_scale", "ge"): limits.MIN_LORA_SCALE,
+        ("extra_lora_scale", "le"): limits.MAX_LORA_SCALE,
     }
     assert {key: found[key[0]].get(key[1]) for key in expected} == expected
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from models import imageio, maps, resources
 from models.errors import InputError
+from models.fetch import LoraCache
 from models.inputs import MAX_SEED, EditOptions, fetched_file
 from models.limits import (
     MAP_ASPECT_TOLERANCE,
@@ -219,9 +220,12 @@ ERROR_CASES = [
     # Cog's own answers, before the predictor runs: an unknown input (Cog drops it instead when it has the
     # schema `cog build` writes) and a URL it cannot fetch.
     pytest.param(
+        lambda: {"mask": "http://127.0.0.1:9/mask.png"}, "unexpected keyword argument 'mask'", id="unknown-input"
+    ),
+    pytest.param(
         lambda: {"lora_weights": "http://127.0.0.1:9/lora.safetensors"},
-        "unexpected keyword argument 'lora_weights'",
-        id="unknown-input",
+        "lora_weights: 127.0.0.1 resolves to 127.0.0.1, which is not a public address",
+        id="lora-on-a-private-address",
     ),
     pytest.param(
         lambda: {"image": "http://127.0.0.1:9/missing.png"}, "Input validation error", id="url-that-cannot-be-fetched"
@@ -522,6 +526,12 @@ def run_inputs(image: Path, change_map: Path, **changes) -> dict:
         "guidance_scale": 0.0,
         "output_format": "png",
         "output_quality": 90,
+        "lora_weights": "",
+        "lora_scale": 1.0,
+        "extra_lora": "",
+        "extra_lora_scale": 1.0,
+        "hf_api_token": None,
+        "civitai_api_token": None,
         **changes,
     }
 
@@ -532,6 +542,7 @@ def predictor(pipeline, temporary_folder) -> Predictor:
     runner = Predictor()
     runner.pipeline = pipeline
     runner.output_dir = temporary_folder / "outputs"
+    runner.lora_cache = LoraCache(temporary_folder / "loras")
     return runner
 
 
