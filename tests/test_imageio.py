@@ -1,17 +1,20 @@
-"""Reading any picture safely and encoding results."""
+"""Reading any picture safely, and encoding results with the input's metadata."""
 
 import io
+import logging
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
+import pillow_heif
 import pytest
-from PIL import Image
+from PIL import AvifImagePlugin, ExifTags, Image
+from pillow_heif.as_plugin import HeifImageFile
 
-from models import imageio
+from models import colour, imageio
 from models.errors import InputError
-from models.limits import MAX_INPUT_PIXELS
+from models.limits import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
 
 
 def save(tmp_path: Path, picture: Image.Image, name: str, **options) -> Path:
@@ -122,9 +125,243 @@ def test_missing_file_input_is_named():
 def test_outputs_decode_to_the_right_size(tmp_path, fmt):
     pixels = np.zeros((30, 40, 3), np.uint8)
     [path] = imageio.write_outputs([pixels], tmp_path, fmt, 80)
-    assert path.suffix == f".{fmt}" and Image.open(path).size == (40, 30)
+    with Image.open(path) as output:
+        assert path.suffix == f".{fmt}" and output.size == (40, 30)
 
 
 def test_png_output_is_lossless():
     pixels = np.random.default_rng(1).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     assert np.array_equal(np.asarray(Image.open(io.BytesIO(imageio.encode_image(pixels, "png", 1)))), pixels)
+
+
+# --- Metadata carried into outputs ------------------------------------------------------------------------------
+
+XMP = (
+    b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+    b'<rdf:Description xmlns:exif="http://ns.adobe.com/exif/1.0/" xmlns:tiff="http://ns.adobe.com/tiff/1.0/"'
+    b' exif:GPSLatitude="48,51.5N" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+)
+
+
+def camera_exif() -> bytes:
+    """A phone's EXIF: camera, date, exposure, a maker note, GPS and a thumbnail (IFD1) of the unedited picture."""
+    exif = Image.Exif()
+    exif[ExifTags.Base.Make], exif[ExifTags.Base.Model] = "Phone Co", "Phone 1"
+    exif[ExifTags.Base.DateTime] = "2024:05:06 07:08:09"
+    exif[ExifTags.Base.Orientation] = 6  # turned: stored 40x20, shown 20x40
+    exif[ExifTags.IFD.Exif] = {
+        ExifTags.Base.ExposureTime: 0.01,
+        ExifTags.Base.ExifImageWidth: 40,
+        ExifTags.Base.ExifImageHeight: 20,
+        ExifTags.Base.MakerNote: b"vendor data with offsets",
+    }
+    exif[ExifTags.IFD.GPSInfo] = {ExifTags.GPS.GPSLatitudeRef: "N", ExifTags.GPS.GPSLatitude: (48.0, 51.0, 30.0)}
+    return with_thumbnail(exif.tobytes())
+
+
+def with_thumbnail(exif: bytes) -> bytes:
+    """EXIF bytes with an IFD1 thumbnail appended after the main directory (Pillow writes none)."""
+    tiff = exif[6:]
+    order = "<" if tiff[:2] == b"II" else ">"
+    (main,) = struct.unpack_from(f"{order}I", tiff, 4)
+    (entries,) = struct.unpack_from(f"{order}H", tiff, main)
+    next_pointer = main + 2 + 12 * entries
+    thumbnail = io.BytesIO()
+    Image.new("RGB", (8, 4), "blue").save(thumbnail, "JPEG")
+    ifd1 = len(tiff)
+    directory = struct.pack(f"{order}H", 2)
+    directory += struct.pack(f"{order}HHII", 0x0201, 4, 1, ifd1 + 2 + 24 + 4)
+    directory += struct.pack(f"{order}HHII", 0x0202, 4, 1, len(thumbnail.getvalue())) + bytes(4)
+    tiff = tiff[:next_pointer] + struct.pack(f"{order}I", ifd1) + tiff[next_pointer + 4 :] + directory
+    return b"Exif\0\0" + tiff + thumbnail.getvalue()
+
+
+def exif_of(encoded: bytes) -> Image.Exif:
+    with Image.open(io.BytesIO(encoded)) as picture:
+        return picture.getexif()
+
+
+def test_camera_exif_is_kept_upright_without_location_or_thumbnail(tmp_path):
+    path = save(tmp_path, Image.new("RGB", (40, 20), "red"), "phone.jpg", exif=camera_exif())
+    with Image.open(path) as original:
+        assert original.getexif().get_ifd(ExifTags.IFD.IFD1)  # the input has a thumbnail
+    picture = imageio.read_picture(path)
+    assert picture.pixels.shape == (40, 20, 3)
+    for output_format in imageio.OUTPUT_FORMATS:
+        exif = exif_of(imageio.encode_image(picture.pixels, output_format, 90, picture.metadata))
+        assert exif[ExifTags.Base.Make] == "Phone Co" and exif[ExifTags.Base.Model] == "Phone 1", output_format
+        assert exif[ExifTags.Base.DateTime] == "2024:05:06 07:08:09" and exif[ExifTags.Base.Orientation] == 1
+        shot = exif.get_ifd(ExifTags.IFD.Exif)
+        assert shot[ExifTags.Base.ExposureTime] == 0.01 and ExifTags.Base.MakerNote not in shot
+        assert (shot[ExifTags.Base.ExifImageWidth], shot[ExifTags.Base.ExifImageHeight]) == (20, 40)
+        assert not exif.get_ifd(ExifTags.IFD.GPSInfo) and ExifTags.IFD.GPSInfo not in exif
+        assert not exif.get_ifd(ExifTags.IFD.IFD1)
+
+
+def test_keep_location_keeps_gps(tmp_path):
+    path = save(tmp_path, Image.new("RGB", (40, 20), "red"), "phone.jpg", exif=camera_exif())
+    picture = imageio.read_picture(path, keep_location=True)
+    exif = exif_of(imageio.encode_image(picture.pixels, "jpg", 90, picture.metadata))
+    assert exif.get_ifd(ExifTags.IFD.GPSInfo)[ExifTags.GPS.GPSLatitude] == (48.0, 51.0, 30.0)
+
+
+def test_a_tiffs_storage_tags_stay_out_of_the_outputs_exif(tmp_path):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Artist] = "Someone"
+    path = save(tmp_path, Image.new("RGB", (8, 8), "red"), "scan.tif", exif=exif)
+    kept = Image.Exif()
+    kept.load(imageio.read_picture(path).metadata.exif)
+    assert kept[ExifTags.Base.Artist] == "Someone"
+    assert ExifTags.Base.StripOffsets not in kept and ExifTags.Base.ImageWidth not in kept
+
+
+def test_pictures_without_exif_give_outputs_without_exif(tmp_path):
+    picture = imageio.read_picture(save(tmp_path, Image.new("RGB", (8, 8)), "plain.png"))
+    assert picture.metadata == imageio.OutputMetadata()
+    with Image.open(io.BytesIO(imageio.encode_image(picture.pixels, "webp", 90, picture.metadata))) as output:
+        assert "exif" not in output.info and "icc_profile" not in output.info
+
+
+def test_xmp_is_dropped_unless_location_is_kept(tmp_path):
+    path = save(tmp_path, Image.new("RGB", (40, 20), "red"), "phone.jpg", exif=camera_exif(), xmp=XMP)
+    assert imageio.read_picture(path).metadata.xmp is None
+    picture = imageio.read_picture(path, keep_location=True)
+    assert b"exif:GPSLatitude" in picture.metadata.xmp and b"tiff:Orientation" not in picture.metadata.xmp
+    for output_format in imageio.OUTPUT_FORMATS:
+        with Image.open(io.BytesIO(imageio.encode_image(picture.pixels, output_format, 90, picture.metadata))) as out:
+            assert out.info["xmp"] == picture.metadata.xmp, output_format
+
+
+def test_exif_too_large_for_a_jpeg_is_left_out(caplog):
+    exif = Image.Exif()
+    exif[ExifTags.Base.ImageDescription] = "x" * 70000
+    metadata = imageio.OutputMetadata(exif=exif.tobytes())
+    with caplog.at_level(logging.WARNING):
+        encoded = imageio.encode_image(np.zeros((4, 4, 3), np.uint8), "jpg", 90, metadata)
+    assert "does not fit in a JPEG" in caplog.text and not exif_of(encoded)
+    assert exif_of(imageio.encode_image(np.zeros((4, 4, 3), np.uint8), "webp", 90, metadata))
+
+
+# --- HEIC and AVIF ----------------------------------------------------------------------------------------------
+
+
+def smooth(width: int = 64, height: int = 48) -> np.ndarray:
+    """A picture lossy codecs keep closely: gradients only."""
+    y, x = np.mgrid[0:height, 0:width]
+    return np.stack([x * 255 // width, y * 255 // height, (x + y) * 127 // (width + height)], axis=2).astype(np.uint8)
+
+
+HEIF_OPTIONS = {"heic": {"quality": -1, "chroma": 444}, "avif": {"quality": 100, "subsampling": "4:4:4"}}
+
+
+@pytest.mark.parametrize("suffix", HEIF_OPTIONS)
+def test_heic_and_avif_are_read(tmp_path, suffix):
+    pixels = smooth()
+    path = save(tmp_path, Image.fromarray(pixels), f"phone.{suffix}", **HEIF_OPTIONS[suffix])
+    image = imageio.read_image(path)
+    assert image.shape == pixels.shape and image.dtype == np.uint8
+    assert np.abs(image.astype(int) - pixels).max() <= 4
+    assert imageio.picture_size(path) == (64, 48)
+    assert np.abs(imageio.read_map(path) - np.asarray(Image.fromarray(pixels).convert("L")) / 255).max() < 0.02
+
+
+@pytest.mark.parametrize("suffix", HEIF_OPTIONS)
+def test_heic_and_avif_orientation_agrees_with_the_header_size(tmp_path, suffix):
+    exif = Image.Exif()
+    exif[ExifTags.Base.Orientation] = 6
+    path = save(tmp_path, Image.fromarray(smooth()), f"turned.{suffix}", exif=exif, **HEIF_OPTIONS[suffix])
+    height, width = imageio.read_image(path).shape[:2]
+    assert imageio.picture_size(path) == (width, height)
+
+
+def test_sixteen_bit_heic_decodes_to_eight_bits(tmp_path):
+    deep = np.random.default_rng(0).integers(0, 1024, (16, 24, 3)).astype(np.uint16) * 64
+    path = tmp_path / "deep.heic"
+    pillow_heif.from_bytes(mode="RGB;16", size=(24, 16), data=deep.tobytes()).save(path, quality=-1, chroma=444)
+    image = imageio.read_image(path)
+    assert image.dtype == np.uint8 and np.abs(image.astype(int) - (deep >> 8)).max() <= 1
+
+
+def test_nclx_display_p3_heic_reads_as_display_p3(tmp_path):
+    pixels = smooth()
+    path = save(
+        tmp_path, Image.fromarray(pixels), "p3.heic", color_primaries=12, transfer_characteristic=13, quality=-1
+    )
+    picture = imageio.read_picture(path)
+    display_p3 = colour.ColourSpace.from_icc(colour.rgb_profile(colour.DISPLAY_P3, colour.SRGB_CURVE, "P3"))
+    assert not picture.colour_space.is_srgb and picture.metadata.icc_profile == picture.colour_space.icc_profile
+    assert np.array_equal(picture.colour_space.to_srgb(pixels), display_p3.to_srgb(pixels))
+
+
+def test_nclx_srgb_heic_reads_as_srgb(tmp_path):
+    path = save(tmp_path, Image.fromarray(smooth()), "srgb.heic", color_primaries=1, transfer_characteristic=13)
+    assert imageio.read_picture(path).colour_space is colour.UNTAGGED
+
+
+def avif_with_primaries(tmp_path: Path, primaries: int) -> Path:
+    """An AVIF whose nclx box says the given primaries (Pillow's encoder writes sRGB's: patched)."""
+    encoded = io.BytesIO()
+    Image.fromarray(smooth()).save(encoded, "AVIF", **HEIF_OPTIONS["avif"])
+    data = bytearray(encoded.getvalue())
+    assert data.count(b"colrnclx") == 1
+    struct.pack_into(">H", data, data.find(b"colrnclx") + 8, primaries)
+    path = tmp_path / f"primaries-{primaries}.avif"
+    path.write_bytes(data)
+    return path
+
+
+def test_nclx_of_an_avif_is_honoured(tmp_path):
+    assert imageio.read_picture(avif_with_primaries(tmp_path, 1)).colour_space is colour.UNTAGGED
+    picture = imageio.read_picture(avif_with_primaries(tmp_path, 9))
+    bt2020 = colour.ColourSpace.from_icc(colour.rgb_profile(colour.BT2020, colour.SRGB_CURVE, "BT.2020"))
+    assert np.array_equal(picture.colour_space.to_srgb(smooth()), bt2020.to_srgb(smooth()))
+
+
+@pytest.mark.parametrize("suffix", HEIF_OPTIONS)
+def test_icc_profile_of_heic_and_avif_is_kept(tmp_path, suffix):
+    profile = colour.rgb_profile(colour.DISPLAY_P3, colour.SRGB_CURVE, "Display P3")
+    path = save(tmp_path, Image.fromarray(smooth()), f"icc.{suffix}", icc_profile=profile, **HEIF_OPTIONS[suffix])
+    assert imageio.read_picture(path).metadata.icc_profile == profile
+
+
+def with_header_size(path: Path, width: int, height: int) -> Path:
+    """The same file with its ispe box (the size in the header) claiming another size."""
+    data = bytearray(path.read_bytes())
+    assert data.count(b"ispe") == 1
+    struct.pack_into(">II", data, data.find(b"ispe") + 8, width, height)
+    patched = path.with_name(f"claims-{width}x{height}{path.suffix}")
+    patched.write_bytes(data)
+    return patched
+
+
+@pytest.mark.parametrize("suffix", HEIF_OPTIONS)
+@pytest.mark.parametrize(("width", "height"), [(10000, 6000), (12000, 12000)], ids=["over-the-limit", "bomb"])
+def test_heic_and_avif_pixel_limit_is_checked_from_the_header(tmp_path, monkeypatch, suffix, width, height):
+    """The HEIC here is 64x48 cropped (clap) from 64x64: its decoder reports the crop, the check reads ispe too."""
+    path = with_header_size(
+        save(tmp_path, Image.fromarray(smooth()), f"small.{suffix}", **HEIF_OPTIONS[suffix]), width, height
+    )
+    for plugin in (HeifImageFile, AvifImagePlugin.AvifImageFile):
+        monkeypatch.setattr(plugin, "load", lambda self: pytest.fail("decoded before the size was checked"))
+    for read in (imageio.read_image, imageio.picture_size, imageio.read_map):
+        with pytest.raises(
+            InputError, match=rf"^image: ({width}x{height} is )?larger than {MAX_INPUT_PIXELS:,} pixels"
+        ):
+            read(path, "image")
+
+
+def test_oversized_heic_file_is_refused(tmp_path):
+    path = save(tmp_path, Image.fromarray(smooth()), "huge.heic")
+    with open(path, "r+b") as sparse:
+        sparse.truncate(MAX_INPUT_BYTES + 1)
+    with pytest.raises(InputError, match=rf"^image: .* at most {MAX_INPUT_BYTES // 2**20} MiB"):
+        imageio.read_image(path)
+
+
+def test_refusals_name_heic_and_avif(tmp_path):
+    path = tmp_path / "junk"
+    path.write_bytes(b"not a picture")
+    with pytest.raises(InputError, match=r"allowed: PNG, JPEG, WebP, GIF, BMP, TIFF, HEIC, AVIF$"):
+        imageio.read_image(path)
+    with pytest.raises(InputError, match=r"^image: required; .*HEIC, AVIF"):
+        imageio.read_picture(None)
