@@ -24,7 +24,9 @@ MIN_STEPS = 1
 MAX_STEPS = 16
 MAX_NUM_OUTPUTS = 4
 MAX_SEED = 4294967295
-MAX_GUIDANCE_SCALE = 20.0
+MAX_GUIDANCE_SCALE = 3.0
+MAX_MAP_GROW = 256
+MAX_MAP_BLUR = 256
 OUTPUT_FORMATS = ["webp", "png", "jpg"]
 MIN_LORA_SCALE = -1.0
 MAX_LORA_SCALE = 3.0
@@ -48,7 +50,9 @@ class Predictor(BaseRunner):
         prompt: str = Input(
             description="What the changed areas should show.", default=DEFAULT_PROMPT, max_length=MAX_PROMPT_CHARS
         ),
-        image: Path = Input(description="The picture to edit (PNG, JPEG, WebP, GIF, BMP or TIFF)."),
+        image: Path = Input(
+            description="The picture to edit (PNG, JPEG, WebP, GIF, BMP, TIFF, HEIC or AVIF). Its colour profile and EXIF are kept in the outputs."
+        ),
         map: Path = Input(  # noqa: A002 - the public input name
             description="Grayscale change map: black keeps a pixel exactly, white regenerates it, grey changes it partly. Any size with the image's aspect ratio; colour maps use their luminance."
         ),
@@ -56,6 +60,22 @@ class Predictor(BaseRunner):
         strength: float = Input(description="Scales the whole map: 0 changes nothing.", default=1.0, ge=0.0, le=1.0),
         invert_map: bool = Input(
             description="Invert the map, for maps in the paper's convention (white = keep).", default=False
+        ),
+        map_grow: int = Input(
+            description="Grow the changed area by this many pixels (at the image's size) before softening: turns a tight inpainting mask into a map with room around the object.",
+            default=0,
+            ge=0,
+            le=MAX_MAP_GROW,
+        ),
+        map_blur: int = Input(
+            description="Soften the map's edges with a Gaussian of this radius in pixels (at the image's size); pixels farther than map_grow plus 1.125 x map_blur from the changed area are still kept exactly.",
+            default=0,
+            ge=0,
+            le=MAX_MAP_BLUR,
+        ),
+        crop_to_map: bool = Input(
+            description="When the changed area is a small part of a large picture, edit a crop around it at full working resolution (more detail), and paste it back.",
+            default=True,
         ),
         seed: int | None = Input(
             description="Random seed; leave empty for a random one (it is logged).", default=None, ge=0, le=MAX_SEED
@@ -65,7 +85,7 @@ class Predictor(BaseRunner):
             description="What to avoid; used only when guidance_scale > 1.", default="", max_length=MAX_PROMPT_CHARS
         ),
         guidance_scale: float = Input(
-            description="Classifier-free guidance; Flash-SDXL is trained for 0 (off). Applies only above 1.",
+            description="Classifier-free guidance, applied only above 1 (and then it doubles the work). Flash-SDXL is trained without it: keep 0; SDXL-typical 5-8 would burn the picture, so at most 3.",
             default=0.0,
             ge=0.0,
             le=MAX_GUIDANCE_SCALE,
@@ -74,6 +94,10 @@ class Predictor(BaseRunner):
             description="Format of the output pictures.", default="webp", choices=OUTPUT_FORMATS
         ),
         output_quality: int = Input(description="Quality of webp and jpg outputs.", default=90, ge=1, le=100),
+        keep_location: bool = Input(
+            description="Keep the input's GPS location (EXIF and XMP) in the outputs; off by default, the rest of the EXIF is kept.",
+            default=False,
+        ),
         lora_weights: str = Input(
             description="An SDXL LoRA: an http(s) URL of a .safetensors file (Civitai download links too) or of a Replicate training's .tar, a Hugging Face repo (owner/repo, or owner/repo/path/file.safetensors), or a data URI. LoRA, LoHa, LoKr and DoRA files from diffusers, kohya, ComfyUI, LyCORIS and EriDiffusion are read. Empty for none.",
             default="",
@@ -102,6 +126,10 @@ class Predictor(BaseRunner):
             guidance_scale=guidance_scale,
             num_outputs=num_outputs,
             seed=seed,
+            map_grow=map_grow,
+            map_blur=map_blur,
+            crop_to_map=crop_to_map,
+            keep_location=keep_location,
         )
         output = OutputOptions.from_inputs(output_format, output_quality)
         loras = LoraOptions.from_inputs(
@@ -111,7 +139,7 @@ class Predictor(BaseRunner):
         shutil.rmtree(self.output_dir, ignore_errors=True)
         self.output_dir.mkdir(parents=True)
         result = edit_files(self.pipeline, image_path, map_path, options, loras=loras, lora_cache=self.lora_cache)
-        paths = write_outputs(result.images, self.output_dir, output.format, output.quality)
+        paths = write_outputs(result.images, self.output_dir, output.format, output.quality, result.metadata)
         stages = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
         log.info("prediction took %.2fs (%s)", time.perf_counter() - started, stages or "no work")
         return [Path(path) for path in paths]

@@ -4,11 +4,13 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from . import imageio, maps, resources
+from . import cropping, imageio, maps, resources
 from .fetch import LoraCache
 from .inputs import EditOptions, LoraOptions
+from .limits import GUIDANCE_WARNING
 from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult
 from .sizing import WORKING_AREA
 from .user_loras import use_loras
@@ -63,26 +65,58 @@ def _read_and_edit(
     time_each_step: bool,
 ) -> EditResult:
     started = time.perf_counter()
-    image = imageio.read_image(image_path, "image")
+    picture = imageio.read_picture(image_path, "image", options.keep_location)
+    if not picture.colour_space.is_srgb:
+        log.info("image: %s; the model sees sRGB, the outputs keep this profile", picture.colour_space.description)
     change_map = torch.from_numpy(imageio.read_map(map_path, "map"))
-    height, width = image.shape[:2]
+    height, width = picture.pixels.shape[:2]
     if change_map.shape != (height, width):
         log.warning("map: %dx%d resized to the image's %dx%d", change_map.shape[1], change_map.shape[0], width, height)
-    change_map = maps.fit_to_image(change_map, width, height)
-    change_map = maps.apply_strength(change_map, options.strength, options.invert_map)
+    change_map = maps.prepare(
+        maps.fit_to_image(change_map, width, height),
+        invert=options.invert_map,
+        grow=options.map_grow,
+        blur=options.map_blur,
+        strength=options.strength,
+    )
+    crop = cropping.choose_crop(change_map, working_area) if options.crop_to_map else None
+    image, region = picture.pixels, change_map
+    if crop is not None:
+        log.info(
+            "crop: editing %dx%d at (%d, %d) of %dx%d, %.1fx the whole picture's detail",
+            crop.width, crop.height, crop.left, crop.top, width, height, crop.gain,
+        )  # fmt: skip
+        image = picture.pixels[crop.top : crop.bottom, crop.left : crop.right]
+        region = change_map[crop.top : crop.bottom, crop.left : crop.right]
     log.info("seed: %d", options.seed)
+    if options.guidance_scale > GUIDANCE_WARNING:
+        log.warning(
+            "guidance_scale %g: Flash-SDXL is trained without guidance; high scales burn", options.guidance_scale
+        )
     request = EditRequest(
-        image=image,
-        change_map=change_map.numpy(),
+        image=np.ascontiguousarray(image),
+        change_map=region.contiguous().numpy(),
         prompt=options.prompt,
         negative_prompt=options.negative_prompt,
         steps=options.steps,
         guidance_scale=options.guidance_scale,
         num_outputs=options.num_outputs,
         seed=options.seed,
-        working_area=working_area,
+        working_area=crop.working_area if crop is not None else working_area,
+        colour_space=picture.colour_space,
     )
     decode_seconds = time.perf_counter() - started
     result = pipeline.edit(request, time_each_step)
+    result.metadata = picture.metadata
+    if crop is not None:
+        result.crop_images = result.images
+        result.images = [paste(picture.pixels, edited, crop) for edited in result.images]
     result.timings = {"decode_inputs": decode_seconds, **result.timings}
     return result
+
+
+def paste(pixels: np.ndarray, edited: np.ndarray, crop: cropping.Crop) -> np.ndarray:
+    """The input's pixels with the crop's edited pixels in place."""
+    whole = pixels.copy()
+    whole[crop.top : crop.bottom, crop.left : crop.right] = edited
+    return whole

@@ -8,10 +8,12 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .imageio import OUTPUT_FORMATS
+from .imageio import OUTPUT_FORMATS, READABLE_NAMES
 from .limits import (
     MAX_GUIDANCE_SCALE,
     MAX_LORA_SCALE,
+    MAX_MAP_BLUR,
+    MAX_MAP_GROW,
     MAX_NUM_OUTPUTS,
     MAX_PROMPT_CHARS,
     MAX_STEPS,
@@ -68,7 +70,7 @@ def fetched_file(name: str, value: Any) -> Path:
     container's files or the outputs of earlier requests, which lie in a subfolder.
     """
     if value is None:
-        raise InputError(f"{name}: required; give a picture file (PNG, JPEG, WebP, GIF, BMP or TIFF)")
+        raise InputError(f"{name}: required; give a picture file ({READABLE_NAMES})")
     allowed = f"{name}: give a file (an upload, a data URI or an http(s) URL)"
     if isinstance(value, str):
         raise InputError(f"{allowed}; paths and other text are not accepted")
@@ -103,6 +105,10 @@ class EditOptions:
     guidance_scale: float
     num_outputs: int
     seed: int
+    map_grow: int = 0
+    map_blur: int = 0
+    crop_to_map: bool = True
+    keep_location: bool = False
 
     @classmethod
     def from_inputs(
@@ -115,6 +121,10 @@ class EditOptions:
         guidance_scale: Any,
         num_outputs: Any,
         seed: Any,
+        map_grow: Any = 0,
+        map_blur: Any = 0,
+        crop_to_map: Any = True,
+        keep_location: Any = False,
     ) -> "EditOptions":
         return cls(
             prompt=text("prompt", prompt) or DEFAULT_PROMPT,
@@ -125,6 +135,10 @@ class EditOptions:
             guidance_scale=number("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE_SCALE),
             num_outputs=integer("num_outputs", num_outputs, 1, MAX_NUM_OUTPUTS),
             seed=secrets.randbelow(MAX_SEED + 1) if seed is None else integer("seed", seed, 0, MAX_SEED),
+            map_grow=integer("map_grow", map_grow, 0, MAX_MAP_GROW),
+            map_blur=integer("map_blur", map_blur, 0, MAX_MAP_BLUR),
+            crop_to_map=boolean("crop_to_map", crop_to_map),
+            keep_location=boolean("keep_location", keep_location),
         )
 
 

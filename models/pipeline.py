@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
 from . import maps, sampler
+from .colour import UNTAGGED, ColourSpace
+from .imageio import OutputMetadata
 from .lora import LoraMerger
 from .sizing import WORKING_AREA, aspect_distortion, working_size
 
@@ -32,6 +34,8 @@ class EditRequest:
     num_outputs: int = 1
     seed: int = 0
     working_area: int = WORKING_AREA
+    colour_space: ColourSpace = UNTAGGED
+    """The image's space: the model sees sRGB, and generated pixels are brought back into it before compositing."""
 
 
 @dataclass
@@ -40,6 +44,10 @@ class EditResult:
 
     images: list[np.ndarray]
     timings: dict[str, float] = field(default_factory=dict)
+    metadata: OutputMetadata | None = None
+    """What the outputs embed from the input (colour profile, EXIF)."""
+    crop_images: list[np.ndarray] | None = None
+    """The edited crops themselves, when the edit was made on a crop of the picture (models/cropping.py)."""
 
 
 class Stopwatch:
@@ -118,7 +126,7 @@ class DifferentialDiffusionPipeline:
         )
         image = torch.tensor(request.image, device=self.device).permute(2, 0, 1)[None].float()
         change_map = torch.tensor(request.change_map, device=self.device)
-        work_image = resize_pixels(image, work_height, work_width)
+        work_image = self._to_srgb(resize_pixels(image, work_height, work_width), request.colour_space)
         work_map = maps.resize_map(change_map, work_height, work_width)
         latent_map = maps.resize_map(work_map, work_height // self.latent_scale, work_width // self.latent_scale)
         weights = sampler.blend_weights(latent_map, schedule)
@@ -138,9 +146,26 @@ class DifferentialDiffusionPipeline:
         generated = self._decode_latents(latents)
         watch.lap("vae_decode")
 
-        images = self._composite(image, generated, work_map)
+        images = self._composite(image, self._from_srgb(generated, request.colour_space), work_map)
         watch.lap("composite")
         return EditResult(images, watch.timings)
+
+    @staticmethod
+    def _to_srgb(pixels: torch.Tensor, space: ColourSpace) -> torch.Tensor:
+        """0-255 pixels (1, 3, H, W) at the working size, converted to sRGB unless they are sRGB already."""
+        if space.is_srgb:
+            return pixels
+        converted = space.to_srgb(pixels[0].round().to(torch.uint8).permute(1, 2, 0).cpu().numpy())
+        return torch.tensor(converted, device=pixels.device).permute(2, 0, 1)[None].float()
+
+    @staticmethod
+    def _from_srgb(pixels: torch.Tensor, space: ColourSpace) -> torch.Tensor:
+        """Generated 0-255 sRGB pixels (N, 3, H, W) at the working size, brought into the image's space."""
+        if space.is_srgb:
+            return pixels
+        batch = pixels.round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        converted = np.stack([space.from_srgb(picture) for picture in batch])
+        return torch.tensor(converted, device=pixels.device).permute(0, 3, 1, 2).float()
 
     def _encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """VAE-encode 0-255 pixels to scaled latents (fp32), using the posterior's mean: no sampling noise."""

@@ -29,9 +29,9 @@ class Schedule:
 
     @classmethod
     def from_scheduler(cls, scheduler, steps: int) -> "Schedule":
-        """Read the schedule from a diffusers LCMScheduler without keeping its mutable step state."""
-        scheduler.set_timesteps(steps)
-        timesteps = tuple(int(t) for t in scheduler.timesteps)
+        """The schedule at Flash-SDXL's timesteps, with the noise schedule and LCM boundary scalings of a diffusers
+        LCMScheduler (whose own timesteps, and step state, are not used)."""
+        timesteps = flash_timesteps(steps, int(scheduler.config.num_train_timesteps))
         scalings = [scheduler.get_scalings_for_boundary_condition_discrete(t) for t in timesteps]
         return cls(
             timesteps=timesteps,
@@ -43,6 +43,16 @@ class Schedule:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+
+def flash_timesteps(steps: int, train_timesteps: int = 1000) -> tuple[int, ...]:
+    """Evenly spaced from the last training timestep: 999, 749, 499, 249 at 4 steps, the timesteps Flash-SDXL is
+    distilled at (its training mixture centres on them; 1 and 2 steps take 999 and 999, 499 from the same grid).
+
+    diffusers' LCMScheduler gives 999, 759, 499, 259 instead: it rounds to LCM's 50-step distillation grid, which
+    Flash-SDXL was not trained on. Other step counts follow the same even spacing, outside the trained timesteps.
+    """
+    return tuple(train_timesteps - 1 - (step * train_timesteps) // steps for step in range(steps))
 
 
 def blend_weights(strength: torch.Tensor, schedule: Schedule) -> torch.Tensor:

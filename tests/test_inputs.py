@@ -38,7 +38,7 @@ def options(**changes) -> EditOptions:
         ("num_outputs", 0),
         ("num_outputs", 5),
         ("guidance_scale", -1),
-        ("guidance_scale", 100),
+        ("guidance_scale", 3.5),
         ("seed", -1),
         ("seed", MAX_SEED + 1),
         ("seed", "abc"),

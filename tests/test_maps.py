@@ -37,8 +37,40 @@ def test_resize_keeps_zeros_exactly_zero_away_from_changes():
 
 def test_strength_scales_and_invert_flips():
     change_map = torch.tensor([[0.0, 0.5, 1.0]])
-    assert maps.apply_strength(change_map, 0.5, invert=False).tolist() == [[0.0, 0.25, 0.5]]
-    assert maps.apply_strength(change_map, 1.0, invert=True).tolist() == [[1.0, 0.5, 0.0]]
+    assert maps.prepare(change_map, strength=0.5).tolist() == [[0.0, 0.25, 0.5]]
+    assert maps.prepare(change_map, invert=True).tolist() == [[1.0, 0.5, 0.0]]
+
+
+def square_mask(size: int = 400, low: int = 180, high: int = 220) -> torch.Tensor:
+    mask = torch.zeros(size, size)
+    mask[low:high, low:high] = 1.0
+    return mask
+
+
+def test_grow_widens_the_changed_area_by_exactly_its_pixels():
+    grown = maps.prepare(square_mask(), grow=30)
+    assert (grown[150:250, 150:250] == 1).all()
+    assert (grown[149, :] == 0).all() and (grown[:, 250] == 0).all()
+
+
+@pytest.mark.parametrize("radius", [8, 40, 200])
+def test_blur_softens_edges_and_leaves_zeros_beyond_its_reach(radius):
+    blurred = maps.prepare(square_mask(1200, 580, 620), blur=radius)
+    reach = radius + 2 * (radius // maps.BLUR_TAPS) + 1
+    assert blurred[600, 600] >= blurred[600, 610] > blurred[600, 620 + radius // 2] > 0
+    outside = torch.ones_like(blurred, dtype=torch.bool)
+    outside[580 - reach : 620 + reach, 580 - reach : 620 + reach] = False
+    assert (blurred[outside] == 0).all(), "pixels beyond grow + blur must stay exactly kept"
+    assert (blurred >= 0).all() and (blurred <= 1).all()
+
+
+def test_grow_and_blur_act_on_the_changed_area_after_inversion_and_before_strength():
+    """A paper-convention map (white = keep): inverted first, so the black square is what grows."""
+    keep_map = 1.0 - square_mask()
+    prepared = maps.prepare(keep_map, invert=True, grow=10, blur=5, strength=0.5)
+    expected = maps.prepare(square_mask(), grow=10, blur=5) * 0.5
+    assert torch.equal(prepared, expected)
+    assert prepared.max() == 0.5
 
 
 def test_composite_alpha_is_one_inside_zero_far_outside_and_feathered_between():

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models import imageio, maps
+from models import imageio, maps, sampler
 from models import pipeline as pipeline_module
 from models.loading import load_pipeline, select_device
 from models.pipeline import EditRequest
@@ -97,7 +97,7 @@ def test_all_white_at_full_strength_is_diffusers_img2img(pipeline):
         prompt="a red boat",
         image=latents,
         strength=1.0,
-        num_inference_steps=4,
+        timesteps=list(sampler.flash_timesteps(4)),
         guidance_scale=0.0,
         generator=torch.Generator().manual_seed(11),
         output_type="np",

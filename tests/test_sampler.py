@@ -19,8 +19,15 @@ def schedule(steps: int = 4) -> sampler.Schedule:
     return sampler.Schedule.from_scheduler(make_scheduler(), steps)
 
 
-def test_four_step_schedule_matches_lcm_timesteps():
-    assert schedule(4).timesteps == (999, 759, 499, 259)
+def test_the_schedule_runs_at_flash_sdxl_s_timesteps():
+    """Flash-SDXL is distilled at 999, 749, 499, 249; LCMScheduler's own 4 steps would be 999, 759, 499, 259."""
+    assert schedule(4).timesteps == (999, 749, 499, 249)
+    assert (schedule(1).timesteps, schedule(2).timesteps) == ((999,), (999, 499))
+    assert schedule(8).timesteps == (999, 874, 749, 624, 499, 374, 249, 124)
+    scheduler = make_scheduler()
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(749)
+    assert schedule(4).alpha_bars[1] == float(scheduler.alphas_cumprod[749])
+    assert (schedule(4).c_skip[1], schedule(4).c_out[1]) == (float(c_skip), float(c_out))
 
 
 def test_black_gets_zero_weight_and_white_full_weight_at_every_step():
@@ -42,7 +49,7 @@ def test_weights_grow_with_strength_at_every_step():
 
 
 @pytest.mark.parametrize(
-    ("max_strength", "expected"), [(0.0, None), (0.1, 3), (0.26, 2), (0.5, 1), (0.75, 1), (0.76, 0), (1.0, 0)]
+    ("max_strength", "expected"), [(0.0, None), (0.1, 3), (0.25, 2), (0.5, 1), (0.749, 1), (0.75, 0), (1.0, 0)]
 )
 def test_first_active_step_skips_steps_that_would_return_the_original(max_strength, expected):
     assert sampler.first_active_step(max_strength, schedule(4)) == expected
@@ -71,7 +78,7 @@ def test_full_weight_equals_diffusers_lcm_img2img_with_the_same_seed():
     )
 
     scheduler = make_scheduler()
-    scheduler.set_timesteps(steps)
+    scheduler.set_timesteps(timesteps=list(sampler.flash_timesteps(steps)))
     generator = torch.Generator().manual_seed(0)
     latents = scheduler.add_noise(original, torch.randn(shape, generator=generator), scheduler.timesteps[:1])
     for index, timestep in enumerate(scheduler.timesteps):

@@ -17,8 +17,8 @@ from models import imageio, inputs, limits
 PREDICT = Path(__file__).resolve().parent.parent / "predict.py"
 LITERAL_KEYWORDS = ("default", "ge", "le", "min_length", "max_length", "regex", "description", "choices")
 ORDER = [
-    "prompt", "image", "map", "steps", "strength", "invert_map", "seed",
-    "num_outputs", "negative_prompt", "guidance_scale", "output_format", "output_quality",
+    "prompt", "image", "map", "steps", "strength", "invert_map", "map_grow", "map_blur", "crop_to_map", "seed",
+    "num_outputs", "negative_prompt", "guidance_scale", "output_format", "output_quality", "keep_location",
     "lora_weights", "lora_scale", "extra_lora", "extra_lora_scale", "hf_api_token", "civitai_api_token",
 ]  # fmt: skip
 
@@ -114,6 +114,8 @@ def test_predict_states_the_limits_the_package_enforces():
         ("seed", "le"): inputs.MAX_SEED,
         ("guidance_scale", "le"): limits.MAX_GUIDANCE_SCALE,
         ("output_format", "choices"): list(imageio.OUTPUT_FORMATS),
+        ("map_grow", "le"): limits.MAX_MAP_GROW,
+        ("map_blur", "le"): limits.MAX_MAP_BLUR,
         ("lora_scale", "ge"): limits.MIN_LORA_SCALE,
         ("lora_scale", "le"): limits.MAX_LORA_SCALE,
         ("extra_lora_scale", "ge"): limits.MIN_LORA_SCALE,
