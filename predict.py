@@ -115,6 +115,10 @@ class Predictor(BaseRunner):
             description="Hugging Face token, for LoRAs in gated or private repositories.", default=None
         ),
         civitai_api_token: Secret | None = Input(description="Civitai API key, for LoRAs that need one.", default=None),
+        disable_safety_checker: bool = Input(
+            description="Disable the safety checker for generated images. This feature is only available through the API.",
+            default=False,
+        ),
     ) -> list[Path]:
         started = time.perf_counter()
         options = EditOptions.from_inputs(
@@ -130,6 +134,7 @@ class Predictor(BaseRunner):
             map_blur=map_blur,
             crop_to_map=crop_to_map,
             keep_location=keep_location,
+            disable_safety_checker=disable_safety_checker,
         )
         output = OutputOptions.from_inputs(output_format, output_quality)
         loras = LoraOptions.from_inputs(

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from . import cropping, imageio, maps, resources
+from .errors import SafetyError
 from .fetch import LoraCache
 from .inputs import EditOptions, LoraOptions
 from .limits import GUIDANCE_WARNING
@@ -44,6 +45,8 @@ def edit_files(
         edit_bytes = resources.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area)
         lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
         result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step)
+        if not options.disable_safety_checker:
+            screen(pipeline, result)
         if loras.loras:
             result.timings = {"loras": lora_seconds, **result.timings}
         return result
@@ -113,6 +116,31 @@ def _read_and_edit(
         result.images = [paste(picture.pixels, edited, crop) for edited in result.images]
     result.timings = {"decode_inputs": decode_seconds, **result.timings}
     return result
+
+
+def screen(pipeline: DifferentialDiffusionPipeline, result: EditResult) -> None:
+    """Leave out the outputs the safety checker flags, checking each one as returned and, when the edit was made on
+    a crop, the crop at its own resolution too (a small edit is invisible to a 224-pixel look at a large picture).
+    One run of the checker on the whole batch; nothing to check when nothing was generated."""
+    if pipeline.safety is None or not result.generated:
+        return
+    started = time.perf_counter()
+    crops = result.crop_images or []
+    flags = pipeline.safety.flags(result.images + crops)
+    count = len(result.images)
+    flagged = [flags[index] or (bool(crops) and flags[count + index]) for index in range(count)]
+    result.timings["safety_check"] = time.perf_counter() - started
+    if not any(flagged):
+        return
+    if all(flagged):
+        raise SafetyError(
+            f"the safety checker flagged {'the output' if count == 1 else f'all {count} outputs'} as possibly NSFW;"
+            " try another prompt, seed or map (API callers can set disable_safety_checker)"
+        )
+    log.warning("safety checker: %d of %d outputs flagged as possibly NSFW and left out", sum(flagged), count)
+    result.images = [image for image, bad in zip(result.images, flagged, strict=True) if not bad]
+    if crops:
+        result.crop_images = [image for image, bad in zip(crops, flagged, strict=True) if not bad]
 
 
 def paste(pixels: np.ndarray, edited: np.ndarray, crop: cropping.Crop) -> np.ndarray:

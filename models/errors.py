@@ -7,3 +7,7 @@ class InputError(ValueError):
 
 class WeightsError(RuntimeError):
     """The model folder is missing, incomplete or unsafe to load."""
+
+
+class SafetyError(RuntimeError):
+    """Every output of a prediction was flagged by the safety checker; the message says what to try."""

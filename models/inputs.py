@@ -109,6 +109,7 @@ class EditOptions:
     map_blur: int = 0
     crop_to_map: bool = True
     keep_location: bool = False
+    disable_safety_checker: bool = False
 
     @classmethod
     def from_inputs(
@@ -125,6 +126,7 @@ class EditOptions:
         map_blur: Any = 0,
         crop_to_map: Any = True,
         keep_location: Any = False,
+        disable_safety_checker: Any = False,
     ) -> "EditOptions":
         return cls(
             prompt=text("prompt", prompt) or DEFAULT_PROMPT,
@@ -139,6 +141,7 @@ class EditOptions:
             map_blur=integer("map_blur", map_blur, 0, MAX_MAP_BLUR),
             crop_to_map=boolean("crop_to_map", crop_to_map),
             keep_location=boolean("keep_location", keep_location),
+            disable_safety_checker=boolean("disable_safety_checker", disable_safety_checker),
         )
 
 

@@ -20,7 +20,8 @@ from . import lora
 from .acceleration import speed_up
 from .errors import WeightsError
 from .pipeline import DifferentialDiffusionPipeline
-from .weights import Manifest, check_against_manifest, model_cache
+from .safety import SafetyChecker
+from .weights import DOWNLOAD_COMMAND, SAFETY_FILES, Manifest, check_against_manifest, model_cache
 from .weights_build import SNAPSHOTS_SWITCH, DownloadError, build_weights, hub_is_offline
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,14 @@ def prepare_folder(folder: Path, build_missing: bool = True) -> Manifest:
     """The folder's manifest once it is complete: a missing or damaged folder is built first, as download-weights
     does, when the Hub (or $WEIGHTS_SNAPSHOTS) can be reached; otherwise one line naming the command to run."""
     try:
-        return check_folder(folder)
+        manifest = check_folder(folder)
+        lacking = [name for name in SAFETY_FILES.values() if name not in manifest.files]
+        if lacking:
+            raise WeightsError(
+                f"{folder.resolve()} has no safety checker ({lacking[0]}): run `{DOWNLOAD_COMMAND}`, which fetches"
+                " only what the folder lacks"
+            )
+        return manifest
     except WeightsError as problem:
         if not build_missing or (hub_is_offline() and not os.environ.get(SNAPSHOTS_SWITCH)):
             raise
@@ -166,5 +174,6 @@ def load_pipeline(
         time.perf_counter() - started,
     )
     pipeline = DifferentialDiffusionPipeline(sdxl, device, dtype)
+    pipeline.safety = SafetyChecker.load(folder, device, dtype)
     speed_up(pipeline, compile_cache=compile_cache(folder))
     return pipeline

@@ -13,6 +13,7 @@ from . import maps, sampler
 from .colour import UNTAGGED, ColourSpace
 from .imageio import OutputMetadata
 from .lora import LoraMerger
+from .safety import SafetyChecker
 from .sizing import WORKING_AREA, aspect_distortion, working_size
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ class EditResult:
     """What the outputs embed from the input (colour profile, EXIF)."""
     crop_images: list[np.ndarray] | None = None
     """The edited crops themselves, when the edit was made on a crop of the picture (models/cropping.py)."""
+    generated: bool = True
+    """False when the map changed nothing and the outputs are the input itself."""
 
 
 class Stopwatch:
@@ -88,6 +91,8 @@ class DifferentialDiffusionPipeline:
         self.scheduler: LCMScheduler = sdxl.scheduler
         self.device = device
         self.dtype = dtype
+        self.safety: SafetyChecker | None = None
+        """Set by loading when the weights folder has one; the editor checks what is returned with it."""
         self.loras = LoraMerger(
             {"unet": sdxl.unet, "text_encoder": sdxl.text_encoder, "text_encoder_2": sdxl.text_encoder_2}
         )
@@ -103,7 +108,9 @@ class DifferentialDiffusionPipeline:
         start = sampler.first_active_step(max_strength, schedule)
         if start is None:
             log.info("map is all black: returning the input unchanged")
-            return EditResult([request.image.copy() for _ in range(request.num_outputs)], watch.timings)
+            return EditResult(
+                [request.image.copy() for _ in range(request.num_outputs)], watch.timings, generated=False
+            )
 
         work_width, work_height = working_size(width, height, request.working_area)
         if aspect_distortion((width, height), (work_width, work_height)) > MAX_ASPECT_DISTORTION:

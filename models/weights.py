@@ -57,20 +57,23 @@ class Sources:
     sdxl: Source
     vae: Source
     lora: Source
+    safety: Source | None = None
     lora_weight_name: str = LORA_WEIGHT_NAME
     lora_scale: float = 1.0
 
-    def pinned(self, sdxl: str | None = None, vae: str | None = None, lora: str | None = None) -> Sources:
-        """The same sources with the given revisions in place of the defaults."""
+    def pinned(self, **revisions: str | None) -> Sources:
+        """The same sources with the given revisions (by source name: sdxl=..., safety=...) in place of the defaults."""
         return replace(
             self,
-            sdxl=replace(self.sdxl, revision=sdxl or self.sdxl.revision),
-            vae=replace(self.vae, revision=vae or self.vae.revision),
-            lora=replace(self.lora, revision=lora or self.lora.revision),
+            **{
+                name: replace(source, revision=revisions.get(name) or source.revision)
+                for name, source in self.named().items()
+            },
         )
 
     def named(self) -> dict[str, Source]:
-        return {"sdxl": self.sdxl, "vae": self.vae, "lora": self.lora}
+        named = {"sdxl": self.sdxl, "vae": self.vae, "lora": self.lora}
+        return named | ({"safety": self.safety} if self.safety is not None else {})
 
 
 SDXL_FILES = (
@@ -100,7 +103,24 @@ DEFAULT_SOURCES = Sources(
     # No commit pinned yet: "main" is resolved at download time and the commit is recorded in the manifest;
     # copy it here (or pass --lora-revision) to pin it.
     lora=Source("jasperai/flash-sdxl", "main", (LORA_WEIGHT_NAME,)),
+    # The CompVis safety checker Replicate's SDXL uses, at the pull request that added its safetensors weights
+    # (the main branch long held only pytorch_model.bin); the resolved commit is recorded in the manifest.
+    safety=Source(
+        "CompVis/stable-diffusion-safety-checker",
+        "refs/pr/41",
+        ("config.json", "model.safetensors", "preprocessor_config.json"),
+    ),
 )
+
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+"""The folders whose tensors' dtype the manifest records: the ones loading reads in that dtype."""
+
+SAFETY_FILES = {
+    "config.json": "safety_checker/config.json",
+    "model.safetensors": "safety_checker/model.safetensors",
+    "preprocessor_config.json": "feature_extractor/preprocessor_config.json",
+}
+"""Where the safety checker's files go in the weights folder: diffusers' names for a pipeline's checker."""
 
 
 @dataclass(frozen=True)
@@ -204,8 +224,8 @@ def write_manifest(
 ) -> Manifest:
     """Hash every file of a finished folder and write manifest.json next to them.
 
-    `lora` names the LoRA file that loading fuses into the UNet, and its scale; None means none. `dtype` is the
-    models' own (the LoRA file, float32 as published, is left out).
+    `lora` names the LoRA file that loading fuses into the UNet, and its scale; None means none. `dtype` is the four
+    models' own (the LoRA and the safety checker, float32 as published, are loaded in their own way).
     Refuses a folder holding pickle files, so no manifest ever vouches for one.
     """
     names = folder_files(folder)
@@ -216,7 +236,7 @@ def write_manifest(
     manifest = Manifest(
         sources=sources,
         lora=lora,
-        dtype=weights_dtype(folder, [name for name in names if name != (lora or {}).get("file")]),
+        dtype=weights_dtype(folder, [name for name in names if name.split("/")[0] in MODEL_COMPONENTS]),
         files={name: FileRecord(size=(folder / name).stat().st_size, sha256=digests[name]) for name in names},
     )
     partial = manifest_path(folder).with_suffix(".json.partial")

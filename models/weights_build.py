@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,13 @@ from .weights import (
     DEFAULT_SOURCES,
     LORA_FOLDER,
     MANIFEST_NAME,
+    SAFETY_FILES,
+    FileRecord,
     Source,
     Sources,
     find_problems,
+    hash_files,
+    manifest_path,
     read_manifest,
     replace_folder,
     summarize,
@@ -138,11 +142,11 @@ def hub_is_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
-def fetch_all(sources: Sources, downloads: Path, fetcher: Fetcher) -> dict[str, Snapshot]:
+def fetch_all(named: dict[str, Source], downloads: Path, fetcher: Fetcher) -> dict[str, Snapshot]:
     """Fetch every source, logging each one's commit and time, turning hub failures into one line that says what
     to do."""
     snapshots = {}
-    for name, source in sources.named().items():
+    for name, source in named.items():
         where = f"{source.repo} at revision {source.revision}"
         kept = f"files already fetched are kept in {downloads}"
         started = time.perf_counter()
@@ -218,8 +222,17 @@ def lora_record(sources: Sources) -> dict[str, Any]:
     return {"file": f"{LORA_FOLDER}/{sources.lora_weight_name}", "scale": sources.lora_scale}
 
 
+def place_safety_checker(out: Path, snapshot: Snapshot) -> list[str]:
+    """The safety checker's files, as published, under diffusers' names; returns their paths in the folder."""
+    for published, placed in SAFETY_FILES.items():
+        link_or_copy(snapshot.folder / published, out / placed)
+    return list(SAFETY_FILES.values())
+
+
 def build_folder(out: Path, snapshots: dict[str, Snapshot], sources: Sources) -> None:
     """Write the weights folder's layout from the fetched files."""
+    if "safety" in snapshots:
+        place_safety_checker(out, snapshots["safety"])
     sdxl = snapshots["sdxl"].folder
     for source_name, target_name in SDXL_FILES_AS_IS.items():
         link_or_copy(sdxl / source_name, out / target_name)
@@ -237,7 +250,7 @@ def source_records(sources: Sources, snapshots: dict[str, Snapshot] | None = Non
     """The manifest's record of each source: repository, requested revision and (once fetched) its commit."""
     return {
         name: {"repo": source.repo, "revision": source.revision}
-        | ({"commit": snapshots[name].commit} if snapshots else {})
+        | ({"commit": snapshots[name].commit} if snapshots and name in snapshots else {})
         for name, source in sources.named().items()
     }
 
@@ -246,27 +259,58 @@ def hashing_bar(total: int) -> tqdm:
     return tqdm(total=total, desc="sha256", unit="B", unit_scale=True, unit_divisor=1024)
 
 
-def is_complete(dest: Path, sources: Sources) -> bool:
-    """Whether dest was built from these sources in this version's layout and every file still matches its sha256."""
+def missing_sources(dest: Path, sources: Sources) -> list[str] | None:
+    """What a folder lacks: [] when it was built from these sources in this version's layout and every file matches
+    its sha256; the names of sources it was built without (the safety checker, for folders from before it), when
+    the rest matches; None when it must be built again."""
     if not (dest / MANIFEST_NAME).is_file():
-        return False
+        return None
     try:
         manifest = read_manifest(dest)
     except WeightsError as error:
         log.info("%s; rebuilding the folder", error)
-        return False
+        return None
+    wanted = source_records(sources)
     built_from = {
         name: {"repo": record.get("repo"), "revision": record.get("revision")}
         for name, record in manifest.sources.items()
     }
-    if built_from != source_records(sources) or manifest.lora != lora_record(sources):
+    if any(wanted.get(name) != record for name, record in built_from.items()) or manifest.lora != lora_record(sources):
         log.info("%s was built from other sources or settings; rebuilding it", dest)
-        return False
+        return None
+    missing = [name for name in wanted if name not in built_from]
+    addable = {"safety"}  # sources a folder can gain in place: files of their own, nothing else depends on them
+    if not set(missing) <= addable:
+        log.info("%s lacks %s; rebuilding it", dest, ", ".join(missing))
+        return None
     with hashing_bar(sum(record.size for record in manifest.files.values())) as bar:
         problems = find_problems(dest, manifest, hashes=True, progress=bar.update)
+    placed = set(SAFETY_FILES.values()) if "safety" in missing else set()
+    problems = [problem for problem in problems if problem.removeprefix("unlisted file ") not in placed]
     if problems:
         log.info("%s does not match its manifest (%s); rebuilding it", dest, summarize(problems))
-    return not problems
+        return None
+    return missing
+
+
+def add_sources(dest: Path, sources: Sources, missing: list[str], downloads: Path, fetcher: Fetcher) -> None:
+    """Fetch only what a complete folder lacks and add it, with its files' records, to the manifest."""
+    named = sources.named()
+    snapshots = fetch_all({name: named[name] for name in missing}, downloads, fetcher)
+    added = place_safety_checker(dest, snapshots["safety"])
+    manifest = read_manifest(dest)
+    digests = hash_files(dest, added)
+    records = {name: FileRecord(size=(dest / name).stat().st_size, sha256=digests[name]) for name in added}
+    extended = replace(
+        manifest,
+        sources={**manifest.sources, **{name: source_records(sources, snapshots)[name] for name in missing}},
+        files={**manifest.files, **records},
+    )
+    partial = manifest_path(dest).with_suffix(".json.partial")
+    partial.write_text(extended.to_json(), encoding="utf-8")
+    os.replace(partial, manifest_path(dest))
+    make_readable(dest)
+    log.info("added %s to %s", ", ".join(missing), dest)
 
 
 def refuse_foreign(dest: Path) -> None:
@@ -303,13 +347,19 @@ def build_weights(
     dest = dest.absolute()
     downloads = (downloads or downloads_folder(dest)).absolute()
     started = time.perf_counter()
-    if is_complete(dest, sources):
+    missing = missing_sources(dest, sources)
+    if missing == []:
         log.info("%s is complete and matches its manifest (%.1fs); nothing to do", dest, time.perf_counter() - started)
         return False
+    if missing:
+        add_sources(dest, sources, missing, downloads, fetcher or default_fetcher())
+        if not keep_downloads:
+            shutil.rmtree(downloads, ignore_errors=True)
+        return True
     refuse_foreign(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(dest)
-    snapshots = fetch_all(sources, downloads, fetcher or default_fetcher())
+    snapshots = fetch_all(sources.named(), downloads, fetcher or default_fetcher())
     fetched = time.perf_counter()
     staging = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=dest.parent))
     try:

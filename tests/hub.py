@@ -1,4 +1,4 @@
-"""A local stand-in for the Hugging Face Hub: the three repositories the weights are built from, as folders,
+"""A local stand-in for the Hugging Face Hub: the four repositories the weights are built from, as folders,
 made from the tiny weights (with the decoy files download-weights must not take)."""
 
 import fnmatch
@@ -10,7 +10,7 @@ from pathlib import Path
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from models.weights import DEFAULT_SOURCES, Source
+from models.weights import DEFAULT_SOURCES, SAFETY_FILES, Source
 from models.weights_build import Snapshot
 from tests.loras import lora_tensors, random_lora
 
@@ -99,4 +99,8 @@ def build_hub(root: Path, tiny: Path) -> dict:
     lora_repo.mkdir(parents=True)
     save_file(lora_tensors(lora, "peft"), lora_repo / DEFAULT_SOURCES.lora_weight_name)
     write_file(lora_repo / "README.md", "Flash-SDXL")
+    safety = root / DEFAULT_SOURCES.safety.repo
+    for published, placed in SAFETY_FILES.items():
+        write_file(safety / published, (tiny / placed).read_bytes())
+    write_file(safety / "pytorch_model.bin", b"pickle")  # the repository's older copy of the weights
     return lora

@@ -20,6 +20,7 @@ ORDER = [
     "prompt", "image", "map", "steps", "strength", "invert_map", "map_grow", "map_blur", "crop_to_map", "seed",
     "num_outputs", "negative_prompt", "guidance_scale", "output_format", "output_quality", "keep_location",
     "lora_weights", "lora_scale", "extra_lora", "extra_lora_scale", "hf_api_token", "civitai_api_token",
+    "disable_safety_checker",
 ]  # fmt: skip
 
 

@@ -540,6 +540,7 @@ def run_inputs(image: Path, change_map: Path, **changes) -> dict:
         "extra_lora_scale": 1.0,
         "hf_api_token": None,
         "civitai_api_token": None,
+        "disable_safety_checker": False,
         **changes,
     }
 

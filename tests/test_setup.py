@@ -45,12 +45,13 @@ def test_setup_builds_a_missing_folder_and_serves(hub, tmp_path):
 
 def test_an_interrupted_build_is_finished_at_the_next_boot(hub, tmp_path):
     """First boot: the LoRA's repository is missing, so the build stops after fetching SDXL and the VAE. Second
-    boot: only the LoRA's repository is there; the build can succeed only by resuming from the first one's
-    downloads."""
+    boot: only the LoRA's and the safety checker's repositories are there; the build can succeed only by resuming
+    from the first one's downloads."""
     weights = tmp_path / "model-cache"
     without_lora, only_lora = tmp_path / "hub-without-lora", tmp_path / "hub-only-lora"
     shutil.copytree(hub.root, without_lora, ignore=shutil.ignore_patterns("flash-sdxl"))
-    shutil.copytree(hub.root / DEFAULT_SOURCES.lora.repo, only_lora / DEFAULT_SOURCES.lora.repo)
+    for repo in (DEFAULT_SOURCES.lora.repo, DEFAULT_SOURCES.safety.repo):
+        shutil.copytree(hub.root / repo, only_lora / repo)
 
     first_log = tmp_path / "first.log"
     with running_cog_server(weights, first_log, {SNAPSHOTS_SWITCH: str(without_lora)}, setup_may_fail=True) as server:

@@ -2,6 +2,7 @@
 built from tiny weights stands in for the network step, and everything after it (layout, manifest, the fuse at
 load, re-runs, refusals) runs for real."""
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -57,9 +58,12 @@ def weights_copy(downloaded, tmp_path) -> Path:
 def test_the_build_writes_the_layout_with_the_published_files_unmodified(downloaded, hub):
     files = sorted(path.relative_to(downloaded).as_posix() for path in downloaded.rglob("*") if path.is_file())
     assert files == [
+        "feature_extractor/preprocessor_config.json",
         "flash-lora/pytorch_lora_weights.safetensors",
         "manifest.json",
         "model_index.json",
+        "safety_checker/config.json",
+        "safety_checker/model.safetensors",
         "scheduler/scheduler_config.json",
         "text_encoder/config.json",
         "text_encoder/model.safetensors",
@@ -134,7 +138,7 @@ def test_a_corrupt_file_is_found_and_fetched_again(weights_copy, hub):
 
     calls = len(hub.calls)
     assert build_weights(weights_copy, fetcher=hub.fetch) is True
-    assert len(hub.calls) == calls + 3
+    assert len(hub.calls) == calls + 4
     check_against_manifest(weights_copy, hashes=True)
 
 
@@ -199,13 +203,13 @@ def test_an_interrupted_rebuild_keeps_the_old_folder(weights_copy, hub, monkeypa
 
 def test_revisions_are_pinnable_and_recorded(tmp_path, hub):
     args = download.parse_args(["--dest", str(tmp_path / "w"), "--lora-revision", "0123abc"])
-    sources = DEFAULT_SOURCES.pinned(sdxl=args.sdxl_revision, vae=args.vae_revision, lora=args.lora_revision)
+    sources = DEFAULT_SOURCES.pinned(**{name: getattr(args, f"{name}_revision") for name in DEFAULT_SOURCES.named()})
     assert sources.lora.revision == "0123abc" and sources.sdxl == DEFAULT_SOURCES.sdxl
     build_weights(tmp_path / "w", sources, fetcher=hub.fetch)
     assert read_manifest(tmp_path / "w").sources["lora"]["revision"] == "0123abc"
     calls = len(hub.calls)
     build_weights(tmp_path / "w", DEFAULT_SOURCES, fetcher=hub.fetch)  # other sources: a rebuild
-    assert len(hub.calls) == calls + 3
+    assert len(hub.calls) == calls + 4
 
 
 def test_an_unreachable_hub_gets_one_clear_line(tmp_path, monkeypatch, capsys):
@@ -271,3 +275,23 @@ def test_serving_needs_no_peft(downloaded):
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True, timeout=300
     )
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_a_folder_from_before_the_safety_checker_gains_it_by_fetching_only_the_checker(tmp_path, hub):
+    dest = tmp_path / "model-cache"
+    without_checker = dataclasses.replace(DEFAULT_SOURCES, safety=None)
+    build_weights(dest, without_checker, fetcher=hub.fetch)
+    assert "safety" not in read_manifest(dest).sources
+    with pytest.raises(WeightsError, match=r"has no safety checker .*fetches only what the folder lacks"):
+        load_pipeline(dest, torch.device("cpu"), torch.float32)
+    unet = dest / "unet" / "diffusion_pytorch_model.safetensors"
+    inode, calls = unet.stat().st_ino, len(hub.calls)
+
+    assert build_weights(dest, fetcher=hub.fetch) is True
+    assert hub.calls[calls:] == [DEFAULT_SOURCES.safety.repo]  # no 7 GB again
+    assert unet.stat().st_ino == inode  # the rest of the folder untouched
+    manifest = check_against_manifest(dest, hashes=True)
+    assert manifest.sources["safety"]["revision"] == DEFAULT_SOURCES.safety.revision
+    assert {"safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json"} <= set(manifest.files)
+    assert load_pipeline(dest, torch.device("cpu"), torch.float32).safety is not None
+    assert build_weights(dest, fetcher=hub.fetch) is False
