@@ -12,7 +12,7 @@ from .errors import SafetyError
 from .fetch import LoraCache
 from .inputs import EditOptions, LoraOptions
 from .limits import GUIDANCE_WARNING
-from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult
+from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult, StepListener
 from .sizing import WORKING_AREA
 from .user_loras import use_loras
 
@@ -30,13 +30,15 @@ def edit_files(
     allow_lora_paths: bool = False,
     working_area: int = WORKING_AREA,
     time_each_step: bool = False,
+    on_step: StepListener | None = None,
 ) -> EditResult:
     """Check the work fits, merge the request's LoRAs, read the picture and its change map, fit the map, and run
     the edit.
 
     A failure or cancellation (a BaseException) frees what the edit held; running out of memory becomes one
     line naming what to lower. allow_lora_paths lets local LoRA files through (the command line, never the
-    server); working_area and time_each_step are for the benchmark.
+    server); on_step follows the denoising steps (progress bars); working_area and time_each_step are for the
+    benchmark.
     """
     width, height = imageio.picture_size(image_path, "image")
     resources.check_memory(pipeline, options.num_outputs, width, height, working_area)
@@ -44,7 +46,7 @@ def edit_files(
         loras = loras or LoraOptions()
         edit_bytes = resources.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area)
         lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
-        result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step)
+        result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step, on_step)
         if not options.disable_safety_checker:
             screen(pipeline, result)
         if loras.loras:
@@ -56,6 +58,7 @@ def edit_files(
             raise resources.out_of_memory_error(options.num_outputs, width, height) from None
         raise
     finally:
+        pipeline.offload()
         resources.trim_heap()
 
 
@@ -66,6 +69,7 @@ def _read_and_edit(
     options: EditOptions,
     working_area: int,
     time_each_step: bool,
+    on_step: StepListener | None,
 ) -> EditResult:
     started = time.perf_counter()
     picture = imageio.read_picture(image_path, "image", options.keep_location)
@@ -109,7 +113,7 @@ def _read_and_edit(
         colour_space=picture.colour_space,
     )
     decode_seconds = time.perf_counter() - started
-    result = pipeline.edit(request, time_each_step)
+    result = pipeline.edit(request, time_each_step, on_step)
     result.metadata = picture.metadata
     if crop is not None:
         result.crop_images = result.images

@@ -84,6 +84,14 @@ def fetched_file(name: str, value: Any) -> Path:
     return path
 
 
+def local_file(name: str, value: Path) -> Path:
+    """A file given on the command line: any readable local path (the server takes only files Cog fetched)."""
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise InputError(f"{name}: no such file: {path}")
+    return path
+
+
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     normalised = value.strip().lower() if isinstance(value, str) else value
     if normalised == "jpeg":

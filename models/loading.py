@@ -10,6 +10,7 @@ UNet's weights by models/lora.py, so peft is never imported.
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from . import lora
-from .acceleration import speed_up
-from .errors import WeightsError
+from .acceleration import low_vram_requested, save_memory, speed_up
+from .errors import InputError, WeightsError
 from .pipeline import DifferentialDiffusionPipeline
 from .safety import SafetyChecker
 from .weights import DOWNLOAD_COMMAND, SAFETY_FILES, Manifest, check_against_manifest, model_cache
@@ -44,11 +45,48 @@ def compile_cache(folder: Path) -> Path:
     return folder.with_name(f"{folder.name}.compile-cache")
 
 
-def select_device() -> tuple[torch.device, torch.dtype]:
-    """CUDA in bf16 when there is a GPU; else CPU in fp32 (bf16 is ~5x slower on CPUs without native bf16)."""
-    if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
-    return torch.device("cpu"), torch.float32
+DEVICES = ("auto", "cuda", "cpu")
+
+LOW_VRAM_EDIT_BYTES = 3 * 2**30
+"""GPU memory a one-megapixel edit needs beside the weights (the VAE decode's activations, mostly): with less free
+than the weights plus this, setup chooses the low-memory mode by itself."""
+
+
+def select_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA when there is a GPU, in bf16 (fp16 on GPUs older than Ampere, which lack bf16: the fp16-fix VAE runs in
+    both); else the CPU in fp32 (bf16 is ~5x slower on CPUs without native bf16)."""
+    if requested not in DEVICES:
+        raise InputError(f"device: must be one of {', '.join(DEVICES)}, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        raise InputError("device: cuda asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
+    return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def weights_bytes_on_device(manifest: Manifest) -> int:
+    """The models' size in a 16-bit dtype on the GPU, from the manifest (the safety checker is stored in fp32)."""
+    sizes = {name: record.size for name, record in manifest.files.items() if name.endswith(".safetensors")}
+    checker = SAFETY_FILES["model.safetensors"]
+    return sum(size for name, size in sizes.items() if name != checker) + sizes.get(checker, 0) // 2
+
+
+def choose_low_vram(device: torch.device, manifest: Manifest, requested: bool | None) -> bool:
+    """The low-memory mode when asked for ($LOW_VRAM, --low-vram), or on a GPU with less free memory than the
+    weights and a one-megapixel edit need."""
+    if requested is not None:
+        return requested
+    if low_vram_requested():
+        return True
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = weights_bytes_on_device(manifest) + LOW_VRAM_EDIT_BYTES
+    if free < needed:
+        log.warning("the GPU has %.1f GiB free, a normal load needs about %.1f GiB: low-memory mode", free / 2**30,
+                    needed / 2**30)  # fmt: skip
+        return True
+    return False
 
 
 def verify_requested() -> bool:
@@ -134,15 +172,24 @@ def load_pipeline(
     device: torch.device | None = None,
     dtype: torch.dtype | None = None,
     build_missing: bool = True,
+    low_vram: bool | None = None,
+    on_loaded: Callable[[str], None] | None = None,
 ) -> DifferentialDiffusionPipeline:
     """Load every component from safetensors straight onto the device, in the target dtype, logging each one's time.
 
-    build_missing: build a missing or damaged folder first, when the Hub can be reached.
+    build_missing: build a missing or damaged folder first, when the Hub can be reached. low_vram: the low-memory
+    mode (None: as $LOW_VRAM says, or when the GPU lacks the memory); on a GPU the models then load on the CPU in
+    fp16 (their stored dtype: no cast) and move to the GPU one at a time. on_loaded is told each component's name
+    as it is loaded (progress bars).
     """
     folder = Path(folder) if folder is not None else model_cache()
     if device is None or dtype is None:
         device, dtype = select_device()
     manifest = prepare_folder(folder, build_missing)
+    offload = choose_low_vram(device, manifest, low_vram)
+    if offload and device.type == "cuda":
+        dtype = torch.float16
+    load_device = torch.device("cpu") if offload else device
     stored = stored_dtype(manifest, dtype)
     started = time.perf_counter()
     components: dict = {}
@@ -152,15 +199,17 @@ def load_pipeline(
             folder,
             subfolder=name,
             torch_dtype=dtype if keeps_float32_modules(model_class) else stored,
-            device_map=str(device),
+            device_map=str(load_device),
             use_safetensors=True,
             local_files_only=True,
         )
         if name == "unet":
             fuse_flash_lora(model, folder, manifest, dtype)
         # nn.Module.to: ModelMixin.to warns about float32-kept modules on every cast, even when there are none.
-        components[name] = torch.nn.Module.to(model, device, dtype).eval().requires_grad_(False)
+        components[name] = torch.nn.Module.to(model, load_device, dtype).eval().requires_grad_(False)
         log.info("loaded %s in %.2fs", name, time.perf_counter() - loaded_at)
+        if on_loaded is not None:
+            on_loaded(name)
     for name in ("tokenizer", "tokenizer_2"):
         components[name] = CLIPTokenizer.from_pretrained(folder, subfolder=name, local_files_only=True)
     components["scheduler"] = LCMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
@@ -174,6 +223,13 @@ def load_pipeline(
         time.perf_counter() - started,
     )
     pipeline = DifferentialDiffusionPipeline(sdxl, device, dtype)
-    pipeline.safety = SafetyChecker.load(folder, device, dtype)
-    speed_up(pipeline, compile_cache=compile_cache(folder))
+    pipeline.safety = SafetyChecker.load(folder, load_device, dtype, device)
+    if on_loaded is not None:
+        on_loaded("safety_checker")
+    speed_up(pipeline, compile_cache=None if offload else compile_cache(folder))
+    if offload:
+        save_memory(pipeline)
+        log.info(
+            "low-memory mode: VAE tiling%s", ", models offloaded to the CPU between uses" * (device.type == "cuda")
+        )
     return pipeline

@@ -2,6 +2,7 @@
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,10 @@ log = logging.getLogger(__name__)
 
 MAX_ASPECT_DISTORTION = 0.1
 """Grid rounding changes the aspect by a few percent; beyond this the working picture is visibly stretched."""
+
+
+StepListener = Callable[[int, int], None]
+"""(steps done, steps to run) after each UNet call of an edit."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,8 @@ class DifferentialDiffusionPipeline:
         self.scheduler: LCMScheduler = sdxl.scheduler
         self.device = device
         self.dtype = dtype
+        self.offload_hooks: list = []
+        """accelerate's model-offload hooks in the low-memory mode (models/acceleration.py: save_memory)."""
         self.safety: SafetyChecker | None = None
         """Set by loading when the weights folder has one; the editor checks what is returned with it."""
         self.loras = LoraMerger(
@@ -98,9 +105,18 @@ class DifferentialDiffusionPipeline:
         )
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def offload(self) -> None:
+        """In the low-memory mode, move every model back to the CPU after a request (the last one used stays on the
+        GPU otherwise); nothing to do in the normal mode."""
+        for hook in self.offload_hooks:
+            hook.offload()
+
     @torch.inference_mode()
-    def edit(self, request: EditRequest, time_each_step: bool = False) -> EditResult:
-        """Edit one picture. time_each_step synchronises after every UNet call: for benchmarks only."""
+    def edit(
+        self, request: EditRequest, time_each_step: bool = False, on_step: StepListener | None = None
+    ) -> EditResult:
+        """Edit one picture. time_each_step synchronises after every UNet call: for benchmarks only. on_step is told
+        (steps done, steps to run) after each UNet call, for progress bars; it must not touch the tensors."""
         height, width = request.change_map.shape
         watch = Stopwatch(self.device)
         max_strength = float(request.change_map.max(initial=0.0))
@@ -141,8 +157,9 @@ class DifferentialDiffusionPipeline:
 
         original = self._encode_image(work_image)
         watch.lap("vae_encode")
+        progress = None if on_step is None else lambda step: on_step(step + 1 - start, len(schedule) - start)
         predict_noise = self._noise_predictor(
-            request, work_width, work_height, schedule, watch if time_each_step else None
+            request, work_width, work_height, schedule, watch if time_each_step else None, progress
         )
         watch.lap("text_encode")
 
@@ -192,6 +209,7 @@ class DifferentialDiffusionPipeline:
         work_height: int,
         schedule: sampler.Schedule,
         step_watch: Stopwatch | None,
+        progress: Callable[[int], None] | None = None,
     ) -> sampler.NoisePredictor:
         """Encode the prompt once and return the UNet call (with guidance only when scale > 1)."""
         guided = request.guidance_scale > 1.0
@@ -230,6 +248,8 @@ class DifferentialDiffusionPipeline:
                 noise_pred = sampler.guide(uncond, cond, request.guidance_scale)
             if step_watch is not None:
                 step_watch.lap(f"unet_step_{step + 1}")
+            if progress is not None:
+                progress(step)
             return noise_pred
 
         return predict_noise

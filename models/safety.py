@@ -43,7 +43,11 @@ class SafetyChecker:
         self.std = torch.tensor(preprocessing["image_std"], device=device).view(1, 3, 1, 1)
 
     @classmethod
-    def load(cls, folder: Path, device: torch.device, dtype: torch.dtype) -> "SafetyChecker":
+    def load(
+        cls, folder: Path, device: torch.device, dtype: torch.dtype, compute_device: torch.device | None = None
+    ) -> "SafetyChecker":
+        """Load it onto device; its inputs are made on compute_device (the GPU of the low-memory mode, whose
+        models live on the CPU between uses), by default the same."""
         started = time.perf_counter()
         model = StableDiffusionSafetyChecker.from_pretrained(
             folder,
@@ -56,7 +60,7 @@ class SafetyChecker:
         model = torch.nn.Module.to(model, device, dtype).eval().requires_grad_(False)
         preprocessing = json.loads((folder / SAFETY_FILES["preprocessor_config.json"]).read_text(encoding="utf-8"))
         log.info("loaded safety_checker in %.2fs", time.perf_counter() - started)
-        return cls(model, preprocessing, device)
+        return cls(model, preprocessing, compute_device or device)
 
     def clip_input(self, pictures: list[np.ndarray]) -> torch.Tensor:
         """The checker's input for RGB uint8 pictures of any sizes: (N, 3, crop height, crop width)."""

@@ -135,6 +135,7 @@ def test_device_is_cuda_in_bf16_when_available_else_cpu_fp32(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert select_device() == (torch.device("cpu"), torch.float32)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert select_device() == (torch.device("cuda"), torch.bfloat16)
 
 
