@@ -87,10 +87,6 @@ class DownloadError(RuntimeError):
     """Something the user can fix (network, revision, disk); the message says what to do."""
 
 
-class HubUnreachable(DownloadError):
-    """The Hub cannot be reached (offline, no network, proxy): building must wait for a machine that can."""
-
-
 @dataclass(frozen=True)
 class Snapshot:
     """One repository's fetched files, and the commit they came from."""
@@ -168,7 +164,7 @@ def fetch_all(named: dict[str, Source], downloads: Path, fetcher: Fetcher) -> di
                 " models/weights.py, or log in (`hf auth login` or HF_TOKEN) if it is private"
             ) from None
         except LocalEntryNotFoundError:
-            raise HubUnreachable(
+            raise DownloadError(
                 f"cannot reach the Hugging Face Hub for {where}: check the network, proxy and HF_ENDPOINT"
                 f" (and that HF_HUB_OFFLINE is not set), then run again; {kept}"
             ) from None
