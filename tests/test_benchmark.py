@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
@@ -47,10 +48,52 @@ def test_quick_benchmark_writes_json_and_markdown(tiny_weights, tmp_path):
     assert f"{pair:.2f}-{pair:.2f}x, ahead in {int(pair > 1)} of 1" in table
 
 
+def test_server_mode_runs_the_predictor_through_cogs_server(tiny_weights, tmp_path):
+    """--server: the same edit through Cog's HTTP server beside the in-process paths, with where its time went."""
+    benchmark = load_script("benchmark")
+    command = [sys.executable, str(ROOT / "scripts" / "benchmark"), "--quick", "--server", "--steps", "1"]
+    options = ["--change", "all", "--output-format", "png", "--weights", str(tiny_weights), "--out", str(tmp_path)]
+    subprocess.run([*command, *options], check=True, capture_output=True)
+    report = json.loads((tmp_path / "benchmark.json").read_text())
+    assert report["meta"]["server"] and report["meta"]["change"] == "all"
+    [row] = report["results"]
+    assert row["size"] == "1024x1024" and row["batch"] == 1
+    server = row["server"]
+    [predict_time], [client_wall] = server["runs_s"], server["wall_s"]
+    assert 0 < predict_time < client_wall and "peak_working_memory_bytes" not in server
+    stages = server["stages_s"]
+    assert {"decode_inputs", "vae_encode", "denoise", "vae_decode", "composite"} <= set(stages)
+    assert {"rest_of_run", "cog_outside_run", "http_and_json"} <= set(stages)
+    assert predict_time < sum(stages.values()) <= client_wall  # the POST's wall time; the stopwatch's adds checks
+    [pair] = row["server_paired_speedups"]
+    assert pair == row["diffusers"]["runs_s"][0] / predict_time
+    table = (tmp_path / "benchmark.md").read_text()
+    assert f"target: at most {benchmark.SERVER_TARGET}x" in table and "| cog_outside_run | http_and_json |" in table
+
+
+def test_server_mode_refuses_sizes_that_serving_resizes():
+    benchmark = load_script("benchmark")
+    with pytest.raises(SystemExit):
+        benchmark.main(["--server", "--sizes", "1024,512"])
+
+
+def test_stages_are_read_from_the_predictors_log_line_of_that_prediction(tmp_path):
+    benchmark = load_script("benchmark")
+    log = tmp_path / "server.log"
+    lines = [
+        {"fields": {"message": "prediction took 9.00s (vae_encode 5.00s)", "prediction_id": "other"}},
+        "not json",
+        {"fields": {"message": "prediction took 1.50s (decode_inputs 0.06s, denoise 1.20s)", "prediction_id": "p1"}},
+    ]
+    log.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines))
+    assert benchmark.logged_stages(log, "p1") == (1.5, {"decode_inputs": 0.06, "denoise": 1.2})
+
+
 def test_paired_speedups_compare_the_runs_of_each_repeat():
     benchmark = load_script("benchmark")
     measured = {"ours": {"runs_s": [1.0, 2.0, 1.0]}, "diffusers": {"runs_s": [1.5, 1.0, 1.0]}}
     assert benchmark.paired_speedups(measured) == [1.5, 0.5, 1.0]
+    assert benchmark.paired_speedups({**measured, "server": {"runs_s": [3.0, 1.0, 0.5]}}, "server") == [0.5, 1.0, 2.0]
     assert benchmark.paired_speedups({"ours": {"runs_s": [1.0]}}) is None
 
 
