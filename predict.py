@@ -39,7 +39,7 @@ class Predictor(BaseRunner):
         """Load the weights once, from $MODEL_CACHE (default ./model-cache)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
         started = time.perf_counter()
-        resources.configure_heap()
+        log.info("heap policy: %s", resources.configure_heap())
         self.pipeline = load_pipeline()
         self.lora_cache = LoraCache()
         self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
@@ -143,8 +143,11 @@ class Predictor(BaseRunner):
         image_path, map_path = fetched_file("image", image), fetched_file("map", map)
         shutil.rmtree(self.output_dir, ignore_errors=True)
         self.output_dir.mkdir(parents=True)
-        result = edit_files(self.pipeline, image_path, map_path, options, loras=loras, lora_cache=self.lora_cache)
-        paths = write_outputs(result.images, self.output_dir, output.format, output.quality, result.metadata)
+        try:
+            result = edit_files(self.pipeline, image_path, map_path, options, loras=loras, lora_cache=self.lora_cache)
+            paths = write_outputs(result.images, self.output_dir, output.format, output.quality, result.metadata)
+        finally:
+            resources.trim_heap()
         stages = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
         log.info("prediction took %.2fs (%s)", time.perf_counter() - started, stages or "no work")
         return [Path(path) for path in paths]

@@ -59,7 +59,6 @@ def edit_files(
         raise
     finally:
         pipeline.offload()
-        resources.trim_heap()
 
 
 def _read_and_edit(

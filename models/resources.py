@@ -7,6 +7,8 @@ prediction is refused up front when its estimated peak exceeds the memory that i
 
 import ctypes
 import gc
+import logging
+import os
 import traceback
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import torch
 
 from .pipeline import DifferentialDiffusionPipeline
 from .sizing import WORKING_AREA, working_size
+
+log = logging.getLogger(__name__)
 
 VAE_ACTIVATION_COPIES = 6
 """Peak VAE-decode memory per output, in full-resolution tensors of the decoder's widest full-resolution layer.
@@ -133,17 +137,28 @@ def release_memory(error: BaseException) -> None:
         torch.cuda.empty_cache()
 
 
-MMAP_THRESHOLD = 1 << 20
-"""Blocks from this size up get their own memory mapping, returned to the system as soon as they are freed.
+HEAP_POLICIES: dict[str, dict[str, tuple[int, int]]] = {
+    "no-mmap": {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 1 << 30)},
+    "mmap-1mib": {"M_MMAP_THRESHOLD": (-3, 1 << 20)},
+    "glibc": {},
+}
+"""glibc mallopt() settings, as (parameter number from malloc.h, value), that setup can apply; HEAP_POLICY picks one.
 
-glibc's default threshold grows with the largest block freed (up to 32 MiB), after which tensors land in its
-heap arenas; Cog runs each prediction on a new thread, and the arenas' free space fragments across predictions
-of different sizes: the worker's RSS crept up by ~100 MiB over 100 tiny-weights predictions. With a fixed
-threshold it stays within ~15 MiB (measured by the soak in tests/test_serving.py), at no measurable cost.
+no-mmap: no block in a mapping of its own, and no trimming of the heap's top on free() below 1 GiB. A prediction's
+large tensors are carved from the heap and their pages reused by the next tensors, instead of each being a fresh
+mapping of zeroed pages that the kernel faults in (glibc maps every block above 32 MiB, its largest threshold).
+trim_heap() returns the free pages once, at the end of each prediction, which keeps the RSS flat across predictions
+of different sizes (Cog runs them on threads of their own, each with an arena).
+mmap-1mib: every block from 1 MiB up in its own mapping, returned to the system when freed (the policy before).
+glibc: glibc's defaults (the choice when another allocator is preloaded, where mallopt() does nothing).
 """
 
-M_MMAP_THRESHOLD = -3
-"""mallopt() parameter number, from glibc's malloc.h."""
+DEFAULT_HEAP_POLICY = "no-mmap"
+"""Measured by scripts/measure-heap through Cog's server on tiny weights, two runs (docs/BENCHMARKS.md, "Through
+Cog's server, and the heap policy"): at 1024x1024, 4 steps, PNG, predict_time over plain diffusers' wall time, median
+of 8 alternating pairs, 0.97x and 0.93x for no-mmap, 1.44x and 1.33x for mmap-1mib, 1.04x and 0.94x for glibc; over
+the 100-request soak the worker's RSS grew 19 and 11 MiB after the warm-up, 23 and 17, 37 and 27. (One arena for all
+threads on top of no-mmap's settings ran as fast but grew 43-64 MiB.)"""
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -153,17 +168,27 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def configure_heap() -> None:
-    """Make glibc hand large freed blocks straight back to the system (nothing to do on other C libraries)."""
+def configure_heap(policy: str | None = None) -> str:
+    """Apply a policy of HEAP_POLICIES (default: $HEAP_POLICY, else DEFAULT_HEAP_POLICY) and return its name.
+
+    Nothing is applied on other C libraries; a setting glibc refuses is logged and skipped.
+    """
+    policy = policy or os.environ.get("HEAP_POLICY") or DEFAULT_HEAP_POLICY
+    if policy not in HEAP_POLICIES:
+        raise ValueError(f"HEAP_POLICY: {policy!r} is not one of {', '.join(HEAP_POLICIES)}")
     libc = _glibc()
-    if libc is not None:
-        libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    if libc is None:
+        return policy
+    for name, (parameter, value) in HEAP_POLICIES[policy].items():
+        if libc.mallopt(parameter, value) != 1:
+            log.warning("heap: glibc refused %s=%d", name, value)
+    return policy
 
 
 def trim_heap() -> None:
-    """Hand the heap's free pages back to the system after a prediction (nothing to do on other C libraries).
+    """Hand the heap's free pages back to the system at the end of a prediction (nothing to do on other C libraries).
 
-    What is left after configure_heap() is many small blocks; trimming keeps the resting RSS ~30 MiB lower.
+    Called once per prediction, after its outputs are written, so that the encoders' buffers go too.
     """
     libc = _glibc()
     if libc is not None:

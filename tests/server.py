@@ -142,6 +142,21 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+FAINT = 40
+"""Map value (of 255) whose strength, ~0.16, makes only the last of 4 steps active: one UNet call per output."""
+
+
+def flat_map(width: int, height: int, value: int = 0) -> bytes:
+    return png_bytes(np.full((height, width), value, np.uint8))
+
+
+def faint_map(width: int, height: int) -> bytes:
+    """Keeps the left half, changes the right half a little."""
+    change_map = np.zeros((height, width), np.uint8)
+    change_map[:, width // 2 :] = FAINT
+    return png_bytes(change_map)
+
+
 def decode_output(uri: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 

@@ -23,6 +23,7 @@ import torch
 from cog import Path as CogPath
 from PIL import Image
 
+import predict as predict_module
 from models import imageio, maps, resources
 from models.errors import InputError
 from models.fetch import LoraCache
@@ -42,10 +43,13 @@ from models.limits import (
 from predict import Predictor
 from tests.conftest import photo
 from tests.server import (
+    FAINT,
     cancel,
     data_uri,
     decode_output,
+    faint_map,
     file_server,
+    flat_map,
     health,
     png_bytes,
     predict,
@@ -54,6 +58,7 @@ from tests.server import (
     wait_until_ready,
     webhook_receiver,
 )
+from tests.soak import SOAK_RSS_MARGIN, SOAK_WARM_UP, run_soak, write_soak_inputs
 from tests.test_imageio import png_header_only
 from tests.test_inputs import VALID
 
@@ -61,25 +66,12 @@ pytestmark = pytest.mark.server
 
 WIDTH, HEIGHT = 64, 48
 PICTURE = photo(WIDTH, HEIGHT, seed=5)
-FAINT = 40
-"""Map value (of 255) whose strength, ~0.16, makes only the last of 4 steps active: one UNet call per output."""
 
 
 def encoded(picture: Image.Image, fmt: str = "PNG", **options) -> bytes:
     buffer = io.BytesIO()
     picture.save(buffer, fmt, **options)
     return buffer.getvalue()
-
-
-def flat_map(width: int, height: int, value: int = 0) -> bytes:
-    return png_bytes(np.full((height, width), value, np.uint8))
-
-
-def faint_map(width: int = WIDTH, height: int = HEIGHT) -> bytes:
-    """Keeps the left half, changes the right half a little."""
-    change_map = np.zeros((height, width), np.uint8)
-    change_map[:, width // 2 :] = FAINT
-    return png_bytes(change_map)
 
 
 BASE_INPUTS = {
@@ -323,7 +315,7 @@ def test_uniform_grey_map_changes_every_pixel(server):
 
 def test_long_prompt_within_the_limit_is_truncated_by_clip_with_a_warning(server):
     prompt = ("a lighthouse on a cliff at dusk, " * 60)[:MAX_PROMPT_CHARS]
-    result = ask(server, {"prompt": prompt, "map": data_uri(faint_map())})
+    result = ask(server, {"prompt": prompt, "map": data_uri(faint_map(WIDTH, HEIGHT))})
     assert result["status"] == "succeeded", result.get("error")
     assert "truncated" in result["logs"]
 
@@ -340,7 +332,7 @@ def test_picture_given_as_a_url_is_fetched_by_cog(server, tmp_path):
 
 
 def test_after_the_battery_a_good_request_succeeds_and_the_server_is_ready(server):
-    result = ask(server, {"map": data_uri(faint_map()), "output_format": None})
+    result = ask(server, {"map": data_uri(faint_map(WIDTH, HEIGHT)), "output_format": None})
     [uri] = result["output"]
     assert uri.startswith("data:image/webp;base64,") and decode_output(uri).size == (WIDTH, HEIGHT)
     assert wait_until_ready(server.url) and health(server.url) == "READY"
@@ -444,7 +436,8 @@ def test_requests_while_busy_get_409_and_the_running_prediction_is_unharmed(serv
     """Cog 0.23 runs one prediction at a time (max concurrency 1 for a sync run()) and does not queue."""
     assert wait_until_ready(server.url)
     with webhook_receiver() as webhook:
-        running = predict_async(server.url, {**BASE_INPUTS, "map": data_uri(faint_map()), "seed": 9}, webhook.url)
+        faint = {**BASE_INPUTS, "map": data_uri(faint_map(WIDTH, HEIGHT)), "seed": 9}
+        running = predict_async(server.url, faint, webhook.url)
         busy_sync = requests.post(f"{server.url}/predictions", json={"input": BASE_INPUTS}, timeout=30)
         busy_async = requests.post(
             f"{server.url}/predictions",
@@ -458,7 +451,7 @@ def test_requests_while_busy_get_409_and_the_running_prediction_is_unharmed(serv
         assert busy.status_code == 409
         assert busy.json() == {"error": "At capacity - all prediction slots busy", "status": "failed"}
     [output] = outputs(final)
-    [again] = outputs(ask(server, {"map": data_uri(faint_map()), "seed": 9}))
+    [again] = outputs(ask(server, {"map": data_uri(faint_map(WIDTH, HEIGHT)), "seed": 9}))
     assert np.array_equal(output, again)
 
 
@@ -483,7 +476,7 @@ def denoising_steps(events: list[tuple[float, str]]) -> list[float]:
 
 def test_cancel_stops_within_one_step_frees_memory_and_leaves_no_state(server):
     """A seeded edit, then a long edit cancelled mid-denoise and a failing one, then the seeded edit again."""
-    seeded = {"map": data_uri(faint_map()), "seed": 21}
+    seeded = {"map": data_uri(faint_map(WIDTH, HEIGHT)), "seed": 21}
     before = outputs(ask(server, seeded))
     assert wait_until_ready(server.url)
     rss_before = server.worker_rss()
@@ -558,10 +551,27 @@ def predictor(pipeline, temporary_folder) -> Predictor:
 @pytest.fixture
 def fetched(temporary_folder) -> SimpleNamespace:
     """Input files as Cog leaves them: directly in the temporary folder."""
-    files = {"image": png_bytes(PICTURE), "black": flat_map(WIDTH, HEIGHT), "faint": faint_map()}
+    files = {"image": png_bytes(PICTURE), "black": flat_map(WIDTH, HEIGHT), "faint": faint_map(WIDTH, HEIGHT)}
     for name, content in files.items():
         (temporary_folder / f"tmp{name}.png").write_bytes(content)
     return SimpleNamespace(**{name: temporary_folder / f"tmp{name}.png" for name in files})
+
+
+def test_the_heap_is_trimmed_once_per_prediction_after_the_outputs_are_written(predictor, fetched, monkeypatch):
+    """The encoders' buffers are freed before the trim, so it hands them back too; a failed prediction trims as well."""
+    events = []
+    written = predict_module.write_outputs
+    monkeypatch.setattr(predict_module, "write_outputs", lambda *args: events.append("write") or written(*args))
+    monkeypatch.setattr(resources, "trim_heap", lambda: events.append("trim"))
+    predictor.run(**run_inputs(fetched.image, fetched.black))
+    assert events == ["write", "trim"]
+    events.clear()
+    with pytest.raises(InputError):
+        predictor.run(**run_inputs(fetched.image, fetched.black, map_grow=-1))
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="boom"):
+        patch.setattr(predict_module, "edit_files", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom")))
+        predictor.run(**run_inputs(fetched.image, fetched.black))
+    assert events == ["trim"]
 
 
 def test_gpu_out_of_memory_frees_memory_and_names_what_to_lower(predictor, fetched, monkeypatch):
@@ -633,71 +643,14 @@ def test_available_memory_is_capped_by_the_container_limit(tmp_path, monkeypatch
 
 # --- Load ------------------------------------------------------------------------------------------------------
 
-SOAK_PREDICTIONS = 100
-SOAK_WARM_UP = 20
-SOAK_RSS_MARGIN = 32 * 2**20
-"""Measured: the worker's RSS rose by 11-14 MiB after warm-up (and ~100 MiB without models/resources.py's heap
-settings)."""
-SOAK_SIZES = [(48, 32), (200, 150), (640, 480), (33, 77), (1200, 900)]
-SOAK_INPUT_FORMATS = ["png", "jpg", "webp"]
-SOAK_OUTPUT_FORMATS = ["webp", "png", "jpg"]
-
-
-def soak_request(number: int, url: str) -> tuple[dict, tuple[int, int] | None]:
-    """The inputs of soak prediction `number`, and the size its outputs must have (None: it must be refused).
-
-    Every 10th runs the model (one step, 1 or 2 outputs, each picture size in turn); 4 are refused; the rest
-    keep everything (all-black map) with 1 to 4 outputs. Sizes, input and output formats rotate.
-    """
-    runs_model = number % 10 == 5
-    index = (number // 10) % len(SOAK_SIZES) if runs_model else number % len(SOAK_SIZES)
-    change_map = f"{'faint' if runs_model else 'black'}-{index}.png"
-    if number % 25 == 13:
-        change_map = "wrong-aspect.png"
-    inputs = {
-        "image": f"{url}/picture-{index}.{SOAK_INPUT_FORMATS[(number // 3) % 3]}",
-        "map": f"{url}/{change_map}",
-        "num_outputs": 1 + (number // 10) % 2 if runs_model else 1 + number % MAX_NUM_OUTPUTS,
-        "output_format": SOAK_OUTPUT_FORMATS[number % 3],
-        "seed": number,
-    }
-    return inputs, None if change_map == "wrong-aspect.png" else SOAK_SIZES[index]
-
 
 @pytest.mark.soak
 def test_soak_memory_stays_flat_and_every_answer_is_right(server, server_tmp, tmp_path):
     """100 predictions of varied sizes, formats and batch sizes: the worker's RSS stays flat after warm-up, no
-    file is left behind, and every answer has the right count, size and format.
-
-    Inputs are URLs, as on Replicate: coglet 0.23 keeps every data-URI input alive (about 2.6 times its size per
-    request), which would swamp the predictor's own figures.
-    """
-    for index, (width, height) in enumerate(SOAK_SIZES):
-        picture = Image.fromarray(photo(width, height, seed=index))
-        for input_format in SOAK_INPUT_FORMATS:
-            picture.save(tmp_path / f"picture-{index}.{input_format}", quality=90)
-        (tmp_path / f"black-{index}.png").write_bytes(flat_map(width, height))
-        (tmp_path / f"faint-{index}.png").write_bytes(faint_map(width, height))
-    (tmp_path / "wrong-aspect.png").write_bytes(flat_map(10, 100))
-
-    rss, temporary_files = [], []
+    file is left behind, and every answer has the right count, size and format (tests/soak.py)."""
+    write_soak_inputs(tmp_path)
     with file_server(tmp_path) as url:
-        for number in range(SOAK_PREDICTIONS):
-            inputs, size = soak_request(number, url)
-            assert wait_until_ready(server.url)
-            result = predict(server.url, inputs)
-            if size is None:
-                assert result["status"] == "failed" and "map: its aspect ratio" in result["error"], result
-            else:
-                assert result["status"] == "succeeded", result.get("error")
-                assert len(result["output"]) == inputs["num_outputs"]
-                mime = f"image/{inputs['output_format'].replace('jpg', 'jpeg')}"
-                for uri in result["output"]:
-                    assert uri.startswith(f"data:{mime};base64,") and decode_output(uri).size == size
-            assert wait_until_ready(server.url)
-            rss.append(server.worker_rss())
-            temporary_files.append(sorted(path.name for path in server_tmp.iterdir()))
-
+        rss, temporary_files = run_soak(server, url, server_tmp)
     warm, later = max(rss[:SOAK_WARM_UP]), max(rss[SOAK_WARM_UP:])
     assert later < warm + SOAK_RSS_MARGIN, f"RSS {warm / 2**20:.0f} MiB after warm-up, then up to {later / 2**20:.0f}"
     assert all(files == temporary_files[SOAK_WARM_UP] for files in temporary_files[SOAK_WARM_UP:]), "files left behind"

@@ -1,0 +1,75 @@
+"""The heap policy setup applies (models/resources.py): which settings reach glibc, and how one is chosen."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from models import resources
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class FakeGlibc:
+    """Records mallopt() calls; refuses the parameters named in `refused`, as glibc returns 0 for those."""
+
+    def __init__(self, refused: frozenset[int] = frozenset()):
+        self.calls: list[tuple[int, int]] = []
+        self.refused = refused
+
+    def mallopt(self, parameter: int, value: int) -> int:
+        self.calls.append((parameter, value))
+        return 0 if parameter in self.refused else 1
+
+
+@pytest.fixture
+def glibc(monkeypatch) -> FakeGlibc:
+    fake = FakeGlibc()
+    monkeypatch.setattr(resources, "_glibc", lambda: fake)
+    monkeypatch.delenv("HEAP_POLICY", raising=False)
+    return fake
+
+
+def test_the_default_policy_applies_its_settings(glibc):
+    assert resources.configure_heap() == resources.DEFAULT_HEAP_POLICY
+    assert glibc.calls == list(resources.HEAP_POLICIES[resources.DEFAULT_HEAP_POLICY].values())
+
+
+def test_heap_policy_from_the_environment(glibc, monkeypatch):
+    monkeypatch.setenv("HEAP_POLICY", "mmap-1mib")
+    assert resources.configure_heap() == "mmap-1mib"
+    assert glibc.calls == [(-3, 1 << 20)]
+    monkeypatch.setenv("HEAP_POLICY", "glibc")
+    glibc.calls.clear()
+    assert resources.configure_heap() == "glibc" and glibc.calls == []
+
+
+def test_an_unknown_policy_is_one_line_naming_the_choices(glibc, monkeypatch):
+    monkeypatch.setenv("HEAP_POLICY", "jemalloc")
+    with pytest.raises(ValueError, match=r"^HEAP_POLICY: 'jemalloc' is not one of no-mmap, mmap-1mib, glibc$"):
+        resources.configure_heap()
+    assert glibc.calls == []
+
+
+def test_a_refused_setting_is_logged_and_the_rest_applied(monkeypatch, caplog):
+    parameters = [parameter for parameter, _ in resources.HEAP_POLICIES["no-mmap"].values()]
+    fake = FakeGlibc(refused=frozenset(parameters[:1]))
+    monkeypatch.setattr(resources, "_glibc", lambda: fake)
+    resources.configure_heap("no-mmap")
+    assert [parameter for parameter, _ in fake.calls] == parameters
+    assert "heap: glibc refused M_MMAP_MAX=0" in caplog.text
+
+
+def test_other_c_libraries_get_nothing(monkeypatch):
+    monkeypatch.setattr(resources, "_glibc", lambda: None)
+    assert resources.configure_heap("no-mmap") == "no-mmap"
+
+
+def test_the_real_glibc_accepts_every_setting():
+    """mallopt() on this machine's glibc knows every policy's parameter numbers (in a child: the settings stay)."""
+    if resources._glibc() is None:
+        pytest.skip("not glibc")
+    script = "from models import resources\nfor policy in resources.HEAP_POLICIES: resources.configure_heap(policy)"
+    child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert "refused" not in child.stdout + child.stderr
