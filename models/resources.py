@@ -138,27 +138,29 @@ def release_memory(error: BaseException) -> None:
 
 
 HEAP_POLICIES: dict[str, dict[str, tuple[int, int]]] = {
+    "mmap-32mib": {"M_MMAP_THRESHOLD": (-3, 32 << 20)},
     "no-mmap": {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 1 << 30)},
     "mmap-1mib": {"M_MMAP_THRESHOLD": (-3, 1 << 20)},
     "glibc": {},
 }
 """glibc mallopt() settings, as (parameter number from malloc.h, value), that setup can apply; HEAP_POLICY picks one.
 
-no-mmap: no block in a mapping of its own, and no trimming of the heap's top on free() below 1 GiB. A prediction's
-large tensors are carved from the heap and their pages reused by the next tensors, instead of each being a fresh
-mapping of zeroed pages that the kernel faults in (glibc maps every block above 32 MiB, its largest threshold).
-trim_heap() returns the free pages once, at the end of each prediction, which keeps the RSS flat across predictions
-of different sizes (Cog runs them on threads of their own, each with an arena).
-mmap-1mib: every block from 1 MiB up in its own mapping, returned to the system when freed (the policy before).
-glibc: glibc's defaults (the choice when another allocator is preloaded, where mallopt() does nothing).
+Every large tensor that gets a mapping of its own is fresh zeroed pages that the kernel faults in, and is returned to
+the system when freed; a block carved from the heap reuses pages, and trim_heap() hands the free ones back at the end
+of each prediction.
+mmap-32mib: blocks from 32 MiB up (glibc's largest threshold) in mappings of their own, the rest from the heap.
+no-mmap: every block from the heap, and no trimming of its top on free() below 1 GiB: the fastest on a CPU, but the
+heap fragments when the working size changes between predictions (the worker's RSS grew 11-90 MiB over the soak,
+past its 32 MiB bound in 3 of 6 runs).
+mmap-1mib: blocks from 1 MiB up in mappings of their own (the policy before).
+glibc: glibc's defaults (a threshold that rises with the largest block freed); the choice when another allocator is
+preloaded, where mallopt() does nothing.
 """
 
-DEFAULT_HEAP_POLICY = "no-mmap"
-"""Measured by scripts/measure-heap through Cog's server on tiny weights, two runs (docs/BENCHMARKS.md, "Through
-Cog's server, and the heap policy"): at 1024x1024, 4 steps, PNG, predict_time over plain diffusers' wall time, median
-of 8 alternating pairs, 0.97x and 0.93x for no-mmap, 1.44x and 1.33x for mmap-1mib, 1.04x and 0.94x for glibc; over
-the 100-request soak the worker's RSS grew 19 and 11 MiB after the warm-up, 23 and 17, 37 and 27. (One arena for all
-threads on top of no-mmap's settings ran as fast but grew 43-64 MiB.)"""
+DEFAULT_HEAP_POLICY = "mmap-32mib"
+"""The soak's memory bound holds (RSS +12 MiB in the suite, as mmap-1mib's 11-14) at 1.05-1.13x of plain diffusers
+through Cog's server, against mmap-1mib's 1.33-1.45x; no-mmap ran at 0.93-0.98x but failed the soak (docs/BENCHMARKS.md,
+"Through Cog's server, and the heap policy")."""
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -11,8 +11,8 @@ from tests.server import RunningServer, decode_output, faint_map, flat_map, pred
 SOAK_PREDICTIONS = 100
 SOAK_WARM_UP = 20
 SOAK_RSS_MARGIN = 32 * 2**20
-"""Measured (scripts/measure-heap): the worker's RSS rose 19 MiB after the warm-up under the default heap policy,
-no-mmap (11-27 MiB under mmap-1mib, the policy before; -1 to 49 under glibc's defaults)."""
+"""Measured in the suite: the worker's RSS rose 12 MiB after the warm-up under the default heap policy, mmap-32mib, and
+11-14 MiB under mmap-1mib; glibc's defaults and no-mmap rose further (docs/BENCHMARKS.md, scripts/measure-heap)."""
 SOAK_SIZES = [(48, 32), (200, 150), (640, 480), (33, 77), (1200, 900)]
 SOAK_INPUT_FORMATS = ["png", "jpg", "webp"]
 SOAK_OUTPUT_FORMATS = ["webp", "png", "jpg"]
