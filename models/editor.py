@@ -38,7 +38,8 @@ def edit_files(
     A failure or cancellation (a BaseException) frees what the edit held; running out of memory becomes one
     line naming what to lower. allow_lora_paths lets local LoRA files through (the command line, never the
     server); on_step follows the denoising steps (progress bars); working_area and time_each_step are for the
-    benchmark.
+    benchmark. Reading the files and the edit run under the heap policy's settings for an edit; the LoRA merge,
+    whose copies outlive it, does not.
     """
     width, height = imageio.picture_size(image_path, "image")
     resources.check_memory(pipeline, options.num_outputs, width, height, working_area)
@@ -46,7 +47,8 @@ def edit_files(
         loras = loras or LoraOptions()
         edit_bytes = resources.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area)
         lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
-        result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step, on_step)
+        with resources.heap_for_edit():
+            result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step, on_step)
         if not options.disable_safety_checker:
             screen(pipeline, result)
         if loras.loras:

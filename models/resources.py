@@ -10,6 +10,9 @@ import gc
 import logging
 import os
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -137,30 +140,59 @@ def release_memory(error: BaseException) -> None:
         torch.cuda.empty_cache()
 
 
-HEAP_POLICIES: dict[str, dict[str, tuple[int, int]]] = {
-    "mmap-32mib": {"M_MMAP_THRESHOLD": (-3, 32 << 20)},
-    "no-mmap": {"M_MMAP_MAX": (-4, 0), "M_TRIM_THRESHOLD": (-1, 1 << 30)},
-    "mmap-1mib": {"M_MMAP_THRESHOLD": (-3, 1 << 20)},
-    "glibc": {},
-}
-"""glibc mallopt() settings, as (parameter number from malloc.h, value), that setup can apply; HEAP_POLICY picks one.
+M_TRIM_THRESHOLD, M_MMAP_MAX, M_MMAP_THRESHOLD = -1, -4, -3
+"""mallopt() parameter numbers, from glibc's malloc.h."""
 
-Every large tensor that gets a mapping of its own is fresh zeroed pages that the kernel faults in, and is returned to
-the system when freed; a block carved from the heap reuses pages, and trim_heap() hands the free ones back at the end
-of each prediction.
+GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 << 10, 65536
+"""glibc's own values of those two, restored after an edit that changed them."""
+
+
+@dataclass(frozen=True)
+class HeapPolicy:
+    """mallopt() settings as {name: (parameter, value)}: `settings` applied once in setup, `during_edit` for the span
+    of each edit (heap_for_edit) and then set back to `after_edit`."""
+
+    settings: dict[str, tuple[int, int]]
+    during_edit: dict[str, tuple[int, int]] = field(default_factory=dict)
+    after_edit: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+
+MMAP_32MIB = {"M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 32 << 20)}
+HEAP_ONLY = {"M_MMAP_MAX": (M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 1 << 30)}
+
+HEAP_POLICIES: dict[str, HeapPolicy] = {
+    "edit-in-heap": HeapPolicy(
+        MMAP_32MIB,
+        during_edit=HEAP_ONLY,
+        after_edit={
+            "M_MMAP_MAX": (M_MMAP_MAX, GLIBC_MMAP_MAX),
+            "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD),
+        },
+    ),
+    "mmap-32mib": HeapPolicy(MMAP_32MIB),
+    "no-mmap": HeapPolicy(HEAP_ONLY),
+    "mmap-1mib": HeapPolicy({"M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 1 << 20)}),
+    "glibc": HeapPolicy({}),
+}
+"""glibc mallopt() settings that setup can apply; HEAP_POLICY picks one.
+
+Every large tensor that gets a mapping of its own is fresh memory that the kernel faults in and zeroes, and is
+returned to the system when freed; a block carved from the heap reuses pages, and trim_heap() hands the free ones back
+at the end of each prediction.
+edit-in-heap: mmap-32mib, but while an edit runs every block from the heap and nothing trimmed on free(), so that each
+large activation reuses the pages of those freed before it; trim_heap() hands them back after the prediction.
 mmap-32mib: blocks from 32 MiB up (glibc's largest threshold) in mappings of their own, the rest from the heap.
-no-mmap: every block from the heap, and no trimming of its top on free() below 1 GiB: the fastest on a CPU, but the
+no-mmap: every block from the heap, and no trimming of its top on free() below 1 GiB, at all times: as fast, but the
 heap fragments when the working size changes between predictions (the worker's RSS grew 11-90 MiB over the soak,
 past its 32 MiB bound in 3 of 6 runs).
-mmap-1mib: blocks from 1 MiB up in mappings of their own (the policy before).
+mmap-1mib: blocks from 1 MiB up in mappings of their own (the policy before mmap-32mib).
 glibc: glibc's defaults (a threshold that rises with the largest block freed); the choice when another allocator is
 preloaded, where mallopt() does nothing.
 """
 
-DEFAULT_HEAP_POLICY = "mmap-32mib"
-"""The soak's memory bound holds (RSS +12 MiB in the suite, as mmap-1mib's 11-14) at 1.05-1.13x of plain diffusers
-through Cog's server, against mmap-1mib's 1.33-1.45x; no-mmap ran at 0.93-0.98x but failed the soak (docs/BENCHMARKS.md,
-"Through Cog's server, and the heap policy")."""
+DEFAULT_HEAP_POLICY = "edit-in-heap"
+"""Through Cog's server at 0.84-1.00x of plain diffusers against mmap-32mib's 1.02-1.06x in the same runs, and the
+soak's memory bound holds (docs/BENCHMARKS.md, "Through Cog's server, and the heap policy")."""
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -170,21 +202,41 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
+_edit_policy = HeapPolicy({})
+"""The policy configure_heap() applied, for heap_for_edit()."""
+
+
 def configure_heap(policy: str | None = None) -> str:
     """Apply a policy of HEAP_POLICIES (default: $HEAP_POLICY, else DEFAULT_HEAP_POLICY) and return its name.
 
     Nothing is applied on other C libraries; a setting glibc refuses is logged and skipped.
     """
+    global _edit_policy
     policy = policy or os.environ.get("HEAP_POLICY") or DEFAULT_HEAP_POLICY
     if policy not in HEAP_POLICIES:
         raise ValueError(f"HEAP_POLICY: {policy!r} is not one of {', '.join(HEAP_POLICIES)}")
+    _apply(HEAP_POLICIES[policy].settings)
+    _edit_policy = HEAP_POLICIES[policy]
+    return policy
+
+
+def _apply(settings: dict[str, tuple[int, int]]) -> None:
     libc = _glibc()
     if libc is None:
-        return policy
-    for name, (parameter, value) in HEAP_POLICIES[policy].items():
+        return
+    for name, (parameter, value) in settings.items():
         if libc.mallopt(parameter, value) != 1:
             log.warning("heap: glibc refused %s=%d", name, value)
-    return policy
+
+
+@contextmanager
+def heap_for_edit() -> Iterator[None]:
+    """The configured policy's settings for the span of one edit, set back after it however it ends."""
+    _apply(_edit_policy.during_edit)
+    try:
+        yield
+    finally:
+        _apply(_edit_policy.after_edit)
 
 
 def trim_heap() -> None:

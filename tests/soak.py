@@ -11,8 +11,9 @@ from tests.server import RunningServer, decode_output, faint_map, flat_map, pred
 SOAK_PREDICTIONS = 100
 SOAK_WARM_UP = 20
 SOAK_RSS_MARGIN = 32 * 2**20
-"""Measured in the suite: the worker's RSS rose 12 MiB after the warm-up under the default heap policy, mmap-32mib, and
-11-14 MiB under mmap-1mib; glibc's defaults and no-mmap rose further (docs/BENCHMARKS.md, scripts/measure-heap)."""
+"""Measured in the suite: the worker's RSS rose 9-13 MiB after the warm-up under the default heap policy, edit-in-heap,
+10-12 MiB under mmap-32mib and 11-14 MiB under mmap-1mib; glibc's defaults and no-mmap rose further (docs/BENCHMARKS.md,
+scripts/measure-heap)."""
 SOAK_SIZES = [(48, 32), (200, 150), (640, 480), (33, 77), (1200, 900)]
 SOAK_INPUT_FORMATS = ["png", "jpg", "webp"]
 SOAK_OUTPUT_FORMATS = ["webp", "png", "jpg"]

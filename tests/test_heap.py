@@ -33,7 +33,7 @@ def glibc(monkeypatch) -> FakeGlibc:
 
 def test_the_default_policy_applies_its_settings(glibc):
     assert resources.configure_heap() == resources.DEFAULT_HEAP_POLICY
-    assert glibc.calls == list(resources.HEAP_POLICIES[resources.DEFAULT_HEAP_POLICY].values())
+    assert glibc.calls == list(resources.HEAP_POLICIES[resources.DEFAULT_HEAP_POLICY].settings.values())
 
 
 def test_heap_policy_from_the_environment(glibc, monkeypatch):
@@ -47,14 +47,14 @@ def test_heap_policy_from_the_environment(glibc, monkeypatch):
 
 def test_an_unknown_policy_is_one_line_naming_the_choices(glibc, monkeypatch):
     monkeypatch.setenv("HEAP_POLICY", "jemalloc")
-    choices = "mmap-32mib, no-mmap, mmap-1mib, glibc"
+    choices = "edit-in-heap, mmap-32mib, no-mmap, mmap-1mib, glibc"
     with pytest.raises(ValueError, match=rf"^HEAP_POLICY: 'jemalloc' is not one of {choices}$"):
         resources.configure_heap()
     assert glibc.calls == []
 
 
 def test_a_refused_setting_is_logged_and_the_rest_applied(monkeypatch, caplog):
-    parameters = [parameter for parameter, _ in resources.HEAP_POLICIES["no-mmap"].values()]
+    parameters = [parameter for parameter, _ in resources.HEAP_POLICIES["no-mmap"].settings.values()]
     fake = FakeGlibc(refused=frozenset(parameters[:1]))
     monkeypatch.setattr(resources, "_glibc", lambda: fake)
     resources.configure_heap("no-mmap")
@@ -71,6 +71,32 @@ def test_the_real_glibc_accepts_every_setting():
     """mallopt() on this machine's glibc knows every policy's parameter numbers (in a child: the settings stay)."""
     if resources._glibc() is None:
         pytest.skip("not glibc")
-    script = "from models import resources\nfor policy in resources.HEAP_POLICIES: resources.configure_heap(policy)"
+    script = """from models import resources
+for policy in resources.HEAP_POLICIES:
+    resources.configure_heap(policy)
+    with resources.heap_for_edit():
+        pass"""
     child = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True)
     assert "refused" not in child.stdout + child.stderr
+
+
+def test_an_edit_runs_under_the_policys_edit_settings_and_sets_them_back_however_it_ends(glibc):
+    """Every block from the heap and no trimming on free() during the edit; glibc's own values after it."""
+    resources.configure_heap("edit-in-heap")
+    glibc.calls.clear()
+    during, after = [(-4, 0), (-1, 1 << 30)], [(-4, 65536), (-1, 128 << 10)]
+    with resources.heap_for_edit():
+        assert glibc.calls == during
+    assert glibc.calls == during + after
+    glibc.calls.clear()
+    with pytest.raises(KeyboardInterrupt), resources.heap_for_edit():
+        raise KeyboardInterrupt
+    assert glibc.calls == during + after
+
+
+def test_a_policy_without_edit_settings_changes_nothing_for_an_edit(glibc):
+    resources.configure_heap("mmap-32mib")
+    glibc.calls.clear()
+    with resources.heap_for_edit():
+        pass
+    assert glibc.calls == []

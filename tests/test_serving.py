@@ -12,6 +12,7 @@ import re
 import tempfile
 import time
 import weakref
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +25,7 @@ from cog import Path as CogPath
 from PIL import Image
 
 import predict as predict_module
-from models import imageio, maps, resources
+from models import editor, imageio, maps, resources
 from models.errors import InputError
 from models.fetch import LoraCache
 from models.inputs import MAX_SEED, EditOptions, fetched_file
@@ -40,6 +41,7 @@ from models.limits import (
     MAX_STEPS,
     MIN_STEPS,
 )
+from models.pipeline import DifferentialDiffusionPipeline
 from predict import Predictor
 from tests.conftest import photo
 from tests.server import (
@@ -572,6 +574,24 @@ def test_the_heap_is_trimmed_once_per_prediction_after_the_outputs_are_written(p
         patch.setattr(predict_module, "edit_files", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("boom")))
         predictor.run(**run_inputs(fetched.image, fetched.black))
     assert events == ["trim"]
+
+
+def test_the_edit_alone_runs_under_the_heap_policys_edit_settings(predictor, fetched, monkeypatch):
+    """They span reading the files, the edit and the composite; not the LoRA merge, whose copies outlive the edit."""
+    events = []
+
+    @contextmanager
+    def recorded():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    merge, edit = editor.use_loras, DifferentialDiffusionPipeline.edit
+    monkeypatch.setattr(resources, "heap_for_edit", recorded)
+    monkeypatch.setattr(editor, "use_loras", lambda *args: events.append("loras") or merge(*args))
+    monkeypatch.setattr(DifferentialDiffusionPipeline, "edit", lambda *args: events.append("edit") or edit(*args))
+    predictor.run(**run_inputs(fetched.image, fetched.faint))
+    assert events == ["loras", "enter", "edit", "exit"]
 
 
 def test_gpu_out_of_memory_frees_memory_and_names_what_to_lower(predictor, fetched, monkeypatch):
