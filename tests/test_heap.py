@@ -27,6 +27,7 @@ class FakeGlibc:
 def glibc(monkeypatch) -> FakeGlibc:
     fake = FakeGlibc()
     monkeypatch.setattr(resources, "_glibc", lambda: fake)
+    monkeypatch.setattr(resources, "_edit_policy", resources._edit_policy)  # set back after the test
     monkeypatch.delenv("HEAP_POLICY", raising=False)
     return fake
 
