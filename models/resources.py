@@ -144,7 +144,7 @@ M_TRIM_THRESHOLD, M_MMAP_MAX, M_MMAP_THRESHOLD = -1, -4, -3
 """mallopt() parameter numbers, from glibc's malloc.h."""
 
 GLIBC_TRIM_THRESHOLD, GLIBC_MMAP_MAX = 128 << 10, 65536
-"""glibc's own values of those two, restored after an edit that changed them."""
+"""glibc's initial values of those two."""
 
 
 @dataclass(frozen=True)
@@ -159,16 +159,15 @@ class HeapPolicy:
 
 MMAP_32MIB = {"M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 32 << 20)}
 HEAP_ONLY = {"M_MMAP_MAX": (M_MMAP_MAX, 0), "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, 1 << 30)}
+BETWEEN_EDITS = {
+    "M_MMAP_MAX": (M_MMAP_MAX, GLIBC_MMAP_MAX),
+    "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD),
+}
+"""HEAP_ONLY's two parameters at glibc's initial values: set in setup too, so that an edit ends on exactly the settings
+it began with (glibc raises its trim threshold by itself until a threshold is set)."""
 
 HEAP_POLICIES: dict[str, HeapPolicy] = {
-    "edit-in-heap": HeapPolicy(
-        MMAP_32MIB,
-        during_edit=HEAP_ONLY,
-        after_edit={
-            "M_MMAP_MAX": (M_MMAP_MAX, GLIBC_MMAP_MAX),
-            "M_TRIM_THRESHOLD": (M_TRIM_THRESHOLD, GLIBC_TRIM_THRESHOLD),
-        },
-    ),
+    "edit-in-heap": HeapPolicy({**MMAP_32MIB, **BETWEEN_EDITS}, during_edit=HEAP_ONLY, after_edit=BETWEEN_EDITS),
     "mmap-32mib": HeapPolicy(MMAP_32MIB),
     "no-mmap": HeapPolicy(HEAP_ONLY),
     "mmap-1mib": HeapPolicy({"M_MMAP_THRESHOLD": (M_MMAP_THRESHOLD, 1 << 20)}),
@@ -182,9 +181,9 @@ at the end of each prediction.
 edit-in-heap: mmap-32mib, but while an edit runs every block from the heap and nothing trimmed on free(), so that each
 large activation reuses the pages of those freed before it; trim_heap() hands them back after the prediction.
 mmap-32mib: blocks from 32 MiB up (glibc's largest threshold) in mappings of their own, the rest from the heap.
-no-mmap: every block from the heap, and no trimming of its top on free() below 1 GiB, at all times: as fast, but the
-heap fragments when the working size changes between predictions (the worker's RSS grew 11-90 MiB over the soak,
-past its 32 MiB bound in 3 of 6 runs).
+no-mmap: every block from the heap, and no trimming of its top on free() below 1 GiB, at all times: fast (0.93-0.98x
+of plain diffusers through Cog's server), but the heap fragments when the working size changes between predictions
+(the worker's RSS grew 11-90 MiB over the soak, past its 32 MiB bound in 3 of 6 runs).
 mmap-1mib: blocks from 1 MiB up in mappings of their own (the policy before mmap-32mib).
 glibc: glibc's defaults (a threshold that rises with the largest block freed); the choice when another allocator is
 preloaded, where mallopt() does nothing.

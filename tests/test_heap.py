@@ -82,8 +82,9 @@ for policy in resources.HEAP_POLICIES:
 
 
 def test_an_edit_runs_under_the_policys_edit_settings_and_sets_them_back_however_it_ends(glibc):
-    """Every block from the heap and no trimming on free() during the edit; glibc's own values after it."""
+    """Every block from the heap and no trimming on free() during the edit; after it, the values setup gave them."""
     resources.configure_heap("edit-in-heap")
+    assert [call for call in glibc.calls if call[0] in (-4, -1)] == [(-4, 65536), (-1, 128 << 10)]
     glibc.calls.clear()
     during, after = [(-4, 0), (-1, 1 << 30)], [(-4, 65536), (-1, 128 << 10)]
     with resources.heap_for_edit():
