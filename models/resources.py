@@ -190,7 +190,7 @@ preloaded, where mallopt() does nothing.
 """
 
 DEFAULT_HEAP_POLICY = "edit-in-heap"
-"""Through Cog's server at 0.84-1.00x of plain diffusers against mmap-32mib's 0.98-1.06x in the same four runs, and the
+"""Through Cog's server at 0.84-1.00x of plain diffusers against mmap-32mib's 0.98-1.06x in the same five runs, and the
 soak's memory bound holds (docs/BENCHMARKS.md, "Through Cog's server, and the heap policy")."""
 
 
