@@ -1,23 +1,17 @@
-"""Cog entry point: maps Cog inputs to one call of the `models` package and writes the outputs."""
+"""Cog entry point: the inputs as Cog's schema shows them, validated and served by one call of the `models` package."""
 
 import logging
-import shutil
 import sys
 import tempfile
-import time
 
 from cog import BaseRunner, Input, Path, Secret
 
-from models import resources
-from models.editor import edit_files
-from models.fetch import LoraCache
-from models.imageio import write_outputs
-from models.inputs import EditOptions, LoraOptions, OutputOptions, fetched_file
-from models.loading import load_pipeline
+from models.inputs import Request
+from models.service import EditService
 
 # Cog's build reads the schema from this file without running it: every Input() argument below is a literal or one
-# of these literal constants (imported names are not resolved). tests/test_schema.py checks that they equal the
-# limits the package enforces at run time, which a server started without the schema still applies.
+# of these literal constants (imported names are not resolved). tests/serving/test_schema.py checks that they equal the
+# table of inputs in models/inputs.py, which the package validates against at run time.
 DEFAULT_PROMPT = "a high quality, detailed photograph"
 MAX_PROMPT_CHARS = 2000
 MIN_STEPS = 1
@@ -31,19 +25,13 @@ OUTPUT_FORMATS = ["webp", "png", "jpg"]
 MIN_LORA_SCALE = -1.0
 MAX_LORA_SCALE = 3.0
 
-log = logging.getLogger("predict")
-
 
 class Predictor(BaseRunner):
     def setup(self) -> None:
         """Load the weights once, from $MODEL_CACHE (default ./model-cache)."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-        started = time.perf_counter()
-        log.info("heap policy: %s", resources.configure_heap())
-        self.pipeline = load_pipeline()
-        self.lora_cache = LoraCache()
+        self.service = EditService.start()
         self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
-        log.info("setup took %.2fs", time.perf_counter() - started)
 
     def run(
         self,
@@ -120,34 +108,8 @@ class Predictor(BaseRunner):
             default=False,
         ),
     ) -> list[Path]:
-        started = time.perf_counter()
-        options = EditOptions.from_inputs(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            steps=steps,
-            strength=strength,
-            invert_map=invert_map,
-            guidance_scale=guidance_scale,
-            num_outputs=num_outputs,
-            seed=seed,
-            map_grow=map_grow,
-            map_blur=map_blur,
-            crop_to_map=crop_to_map,
-            keep_location=keep_location,
-            disable_safety_checker=disable_safety_checker,
-        )
-        output = OutputOptions.from_inputs(output_format, output_quality)
-        loras = LoraOptions.from_inputs(
-            lora_weights, lora_scale, extra_lora, extra_lora_scale, hf_api_token, civitai_api_token
-        )
-        image_path, map_path = fetched_file("image", image), fetched_file("map", map)
-        shutil.rmtree(self.output_dir, ignore_errors=True)
-        self.output_dir.mkdir(parents=True)
-        try:
-            result = edit_files(self.pipeline, image_path, map_path, options, loras=loras, lora_cache=self.lora_cache)
-            paths = write_outputs(result.images, self.output_dir, output.format, output.quality, result.metadata)
-        finally:
-            resources.trim_heap()
-        stages = ", ".join(f"{stage} {seconds:.2f}s" for stage, seconds in result.timings.items())
-        log.info("prediction took %.2fs (%s)", time.perf_counter() - started, stages or "no work")
-        return [Path(path) for path in paths]
+        values = dict(locals())  # every argument but self is an input of models.inputs.INPUTS
+        del values["self"]
+        prediction = self.service.run_into(Request.from_values(values), self.output_dir)
+        self.record_metric("timings", prediction.timings)
+        return [Path(path) for path in prediction.paths]

@@ -9,6 +9,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,20 +24,12 @@ from .pipeline import DifferentialDiffusionPipeline, EditRequest
 
 log = logging.getLogger(__name__)
 
-COMPILE_SWITCH = "COMPILE"
-"""Environment variable: 1 compiles the UNet and VAE decoder in setup(), warmed up at 1024x1024."""
 
+def speed_up(pipeline: DifferentialDiffusionPipeline) -> None:
+    """Apply the numerically neutral optimisations (compiling is compile_and_warm_up's, when $COMPILE asks for it).
 
-def compile_requested() -> bool:
-    return os.environ.get(COMPILE_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
-
-
-def speed_up(pipeline: DifferentialDiffusionPipeline, compile_cache: Path | None = None) -> None:
-    """Apply the numerically neutral optimisations, and compile when $COMPILE asks for it (not without a compile
-    cache: the low-memory mode, whose models move between devices, does not compile).
-
-    channels_last: everything on a GPU; on a CPU only the VAE, whose convolutions run 6-12% faster that way in fp32
-    while the UNet runs 0-5% slower (measured at 256 and 512 px, docs/BENCHMARKS.md).
+    channels_last: everything on a GPU; on a CPU only the VAE, whose convolutions run faster that way in fp32 while the
+    UNet's run slower (docs/BENCHMARKS.md, side measurements).
     """
     on_gpu = pipeline.device.type == "cuda"
     for model in (pipeline.unet, pipeline.vae) if on_gpu else (pipeline.vae,):
@@ -46,15 +39,13 @@ def speed_up(pipeline: DifferentialDiffusionPipeline, compile_cache: Path | None
         use_subpixel_upsamplers(model)
     use_in_place_activations(pipeline.vae)
     pipeline.loras.on_change = functools.partial(refresh_derived_weights, pipeline.unet)
-    if compile_requested() and compile_cache is not None:
-        compile_and_warm_up(pipeline, compile_cache)
 
 
 def fuse_qkv_in_place(model: torch.nn.Module) -> None:
     """Fused QKV projections as diffusers' FusedAttnProcessor2_0 runs them, built without waste.
 
-    diffusers' fuse_qkv_projections() initialises each fused layer at random before copying the weights in (8.4 of
-    9.7 s for SDXL's UNet on a CPU) and keeps the separate q/k/v weights beside the fused ones (+2.4 GiB in fp32).
+    diffusers' fuse_qkv_projections() initialises each fused layer at random before copying the weights in (most of
+    its seconds for SDXL's UNet on a CPU) and keeps the separate q/k/v weights beside the fused ones (GiBs in fp32).
     Here each fused weight is the concatenation itself and the separate weights become views of it, so the model
     keeps its state dict and unfuse_qkv_projections() still works.
     """
@@ -98,7 +89,7 @@ def subpixel_kernels(weight: torch.Tensor) -> torch.Tensor:
     """
     out_channels, in_channels = weight.shape[:2]
     # One matmul from the 9 taps to (a, b, row tap, column tap), in float32 and then rounded to the weight's dtype:
-    # it is part of setup, and slicing and stacking per phase in double took 1.0-1.3 s for SDXL's largest upsampler.
+    # it is part of setup, where slicing and stacking per phase in double cost seconds for SDXL's largest upsampler.
     fold = torch.einsum("ark,bcl->klabrc", PHASE_TAPS, PHASE_TAPS).reshape(9, 16).to(weight.device)
     kernels = (weight.reshape(-1, 9).float() @ fold).to(weight.dtype)
     kernels = kernels.view(out_channels, in_channels, 2, 2, 2, 2).permute(2, 3, 0, 1, 4, 5)
@@ -178,10 +169,9 @@ def use_in_place_activations(vae: torch.nn.Module) -> None:
     """SiLU in place in the VAE wherever it follows a GroupNorm, whose output is always a fresh tensor: the same values,
     and one full-resolution activation fewer per ResNet block, of the largest tensors an edit makes.
 
-    On a CPU each of those is fresh memory for the kernel to fault in and zero: 16-39% fewer page faults in a
-    1024x1024 decode on tiny weights (tests/test_acceleration.py), and the VAE's encode and decode together 0.92x
-    the time, paired in one process (docs/BENCHMARKS.md). The UNet keeps its own: there a block's SiLU also reads
-    the time embedding that every block shares.
+    On a CPU each of those is fresh memory for the kernel to fault in and zero, so fewer page faults
+    (tests/edit/test_acceleration.py) and less time (docs/BENCHMARKS.md). The UNet keeps its own: there a block's SiLU
+    also reads the time embedding that every block shares.
     """
     for module in vae.modules():
         if isinstance(module, ResnetBlock2D) and module.time_emb_proj is None:
@@ -208,16 +198,9 @@ def refresh_derived_weights(unet: torch.nn.Module, changed: set[tuple[str, str]]
             parent.refold()
 
 
-LOW_VRAM_SWITCH = "LOW_VRAM"
-"""Environment variable: 1 runs in the low-memory mode (model offload on a GPU, VAE tiling), as --low-vram does."""
-
 VAE_TILE = 512
 """Side, in pixels, of the tiles a low-memory VAE encodes and decodes: a 1024x1024 picture in 4 overlapping tiles.
 diffusers' own default is the VAE's sample size, 1024 for SDXL, which would leave a one-megapixel edit untiled."""
-
-
-def low_vram_requested() -> bool:
-    return os.environ.get(LOW_VRAM_SWITCH, "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def save_memory(pipeline: DifferentialDiffusionPipeline) -> None:
@@ -226,7 +209,7 @@ def save_memory(pipeline: DifferentialDiffusionPipeline) -> None:
     fits a card of 8 GB: about the UNet's 5 GB plus one model's activations at a time.
 
     The models must have been loaded on the CPU; tiles are blended where they overlap, so the picture changes
-    slightly (bounded in tests/test_low_vram.py).
+    slightly (bounded in tests/edit/test_low_vram.py).
     """
     pipeline.vae.enable_tiling()
     pipeline.vae.tile_sample_min_size = VAE_TILE
@@ -244,14 +227,30 @@ def save_memory(pipeline: DifferentialDiffusionPipeline) -> None:
         pipeline.offload_hooks.append(hook)
 
 
-def compile_and_warm_up(pipeline: DifferentialDiffusionPipeline, compile_cache: Path | None) -> None:
-    """Compile the UNet and the VAE decoder, then run one edit at the default serving shape."""
+Compiler = Callable[[torch.nn.Module], torch.nn.Module]
+
+
+def whole_graph_compile(module: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile with the whole forward as one graph: a graph break would fall back to eager in the hot loop."""
+    return torch.compile(module, fullgraph=True)
+
+
+def compile_and_warm_up(
+    pipeline: DifferentialDiffusionPipeline,
+    compile_cache: Path | None,
+    compiler: Compiler = whole_graph_compile,
+    side: int = 1024,
+) -> None:
+    """Compile the UNet and the VAE decoder with `compiler`, then run one edit at side x side (the serving shape).
+
+    Not for the low-memory mode, whose models move between devices. A measurement can pass another compiler (the GPU
+    check's dry run passes one that compiles nothing) and time this call.
+    """
     if compile_cache is not None:
         os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(compile_cache))
     started = time.perf_counter()
-    pipeline.unet = torch.compile(pipeline.unet, fullgraph=True)
-    pipeline.vae.decoder = torch.compile(pipeline.vae.decoder, fullgraph=True)
-    side = 1024
+    pipeline.unet = compiler(pipeline.unet)
+    pipeline.vae.decoder = compiler(pipeline.vae.decoder)
     warm_up = EditRequest(
         image=np.zeros((side, side, 3), np.uint8), change_map=np.ones((side, side), np.float32), prompt="warm-up"
     )

@@ -7,14 +7,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import cropping, imageio, maps, resources
+from . import cropping, heap, maps, memory
 from .errors import SafetyError
-from .fetch import LoraCache
 from .inputs import EditOptions, LoraOptions
 from .limits import GUIDANCE_WARNING
+from .loras.cache import LoraCache
+from .loras.request import use_loras
+from .pictures.read import picture_size, read_map, read_picture
 from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult, StepListener
 from .sizing import WORKING_AREA
-from .user_loras import use_loras
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +42,13 @@ def edit_files(
     benchmark. Reading the files and the edit run under the heap policy's settings for an edit; the LoRA merge,
     whose copies outlive it, does not.
     """
-    width, height = imageio.picture_size(image_path, "image")
-    resources.check_memory(pipeline, options.num_outputs, width, height, working_area)
+    width, height = picture_size(image_path, "image")
+    memory.check_fits(pipeline, options.num_outputs, width, height, working_area)
     try:
-        loras = loras or LoraOptions()
-        edit_bytes = resources.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area)
+        loras = loras or LoraOptions.from_values({})
+        edit_bytes = memory.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area)
         lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
-        with resources.heap_for_edit():
+        with heap.for_edit():
             result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step, on_step)
         if not options.disable_safety_checker:
             screen(pipeline, result)
@@ -55,9 +56,9 @@ def edit_files(
             result.timings = {"loras": lora_seconds, **result.timings}
         return result
     except BaseException as error:
-        resources.release_memory(error)
-        if isinstance(error, resources.OUT_OF_MEMORY_ERRORS):
-            raise resources.out_of_memory_error(options.num_outputs, width, height) from None
+        memory.release(error)
+        if isinstance(error, memory.OUT_OF_MEMORY_ERRORS):
+            raise memory.out_of_memory_error(options.num_outputs, width, height) from None
         raise
     finally:
         pipeline.offload()
@@ -73,10 +74,10 @@ def _read_and_edit(
     on_step: StepListener | None,
 ) -> EditResult:
     started = time.perf_counter()
-    picture = imageio.read_picture(image_path, "image", options.keep_location)
+    picture = read_picture(image_path, "image", options.keep_location)
     if not picture.colour_space.is_srgb:
         log.info("image: %s; the model sees sRGB, the outputs keep this profile", picture.colour_space.description)
-    change_map = torch.from_numpy(imageio.read_map(map_path, "map"))
+    change_map = torch.from_numpy(read_map(map_path, "map"))
     height, width = picture.pixels.shape[:2]
     if change_map.shape != (height, width):
         log.warning("map: %dx%d resized to the image's %dx%d", change_map.shape[1], change_map.shape[0], width, height)

@@ -1,4 +1,4 @@
-"""Named limits on what a request may ask for; the README documents each one."""
+"""Named limits on what a request, its files and its LoRAs may ask for; the README documents each one."""
 
 MAX_INPUT_BYTES = 64 * 1024 * 1024
 """Largest image or map file accepted, in bytes."""
@@ -7,6 +7,9 @@ MAX_INPUT_PIXELS = 50_000_000
 """Largest image or map accepted, in pixels (width x height), checked from the header before decoding."""
 
 MIN_STEPS, MAX_STEPS = 1, 16
+MAX_SEED = 2**32 - 1
+DEFAULT_PROMPT = "a high quality, detailed photograph"
+"""What an empty prompt becomes."""
 MAX_NUM_OUTPUTS = 4
 MAX_PROMPT_CHARS = 2000
 MAX_GUIDANCE_SCALE = 3.0
@@ -15,7 +18,7 @@ so the input stops at 3 and a scale above GUIDANCE_WARNING is logged."""
 GUIDANCE_WARNING = 2.0
 
 MAX_MAP_GROW = 256
-"""Largest map_grow, in pixels at the image's size (a max filter: 1.5 s at 12 megapixels on a 2-core CPU)."""
+"""Largest map_grow, in pixels at the image's size (a max filter, whose time grows with the radius)."""
 MAX_MAP_BLUR = 256
 """Largest map_blur radius, in pixels at the image's size."""
 

@@ -70,7 +70,7 @@ def _gaussian_rows(change_map: torch.Tensor, radius: int) -> torch.Tensor:
 
 def gaussian_blur(change_map: torch.Tensor, radius: int) -> torch.Tensor:
     """Separable Gaussian blur of radius `radius` pixels, exactly 0 beyond it (beyond 2 * radius / BLUR_TAPS more
-    where a large radius runs decimated: at 12 megapixels a 256-pixel blur took 12 s in full on a CPU)."""
+    where a large radius runs decimated: in full, a large radius on a large picture takes seconds on a CPU)."""
     height, width = change_map.shape
     step = max(1, radius // BLUR_TAPS)
     small = change_map if step == 1 else F.avg_pool2d(change_map[None, None], step, ceil_mode=True)[0, 0]
@@ -91,8 +91,8 @@ def _pool_rows(mask: torch.Tensor, radius: int, pool, **kwargs) -> torch.Tensor:
 def _separable_pool(mask: torch.Tensor, radius: int, pool, **kwargs) -> torch.Tensor:
     """A square pooling window as 1-D passes along rows, then along columns through a transpose.
 
-    Two passes make it O(radius) per pixel, not O(radius^2); running both along contiguous rows makes
-    it ~5x faster on a CPU than 2-D pooling with a tall window (17 against 88 ms at 1 MP).
+    Two passes make it O(radius) per pixel, not O(radius^2); running both along contiguous rows is several times
+    faster on a CPU than 2-D pooling with a tall window (docs/BENCHMARKS.md, "Figures behind the code's choices").
     """
     rows = _pool_rows(mask, radius, pool, **kwargs)
     return _pool_rows(rows.t().contiguous(), radius, pool, **kwargs).t().contiguous()

@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
 from . import maps, sampler
-from .colour import UNTAGGED, ColourSpace
-from .imageio import OutputMetadata
-from .lora import LoraMerger
+from .loras.merge import LoraMerger
+from .pictures.colour import UNTAGGED, ColourSpace
+from .pictures.metadata import OutputMetadata
 from .safety import SafetyChecker
 from .sizing import WORKING_AREA, aspect_distortion, working_size
 
@@ -100,6 +100,8 @@ class DifferentialDiffusionPipeline:
         """accelerate's model-offload hooks in the low-memory mode (models/acceleration.py: save_memory)."""
         self.safety: SafetyChecker | None = None
         """Set by loading when the weights folder has one; the editor checks what is returned with it."""
+        self.setup_timings: dict[str, float] = {}
+        """Seconds of each stage of loading (models/weights/load.py), for setup measurements."""
         self.loras = LoraMerger(
             {"unet": sdxl.unet, "text_encoder": sdxl.text_encoder, "text_encoder_2": sdxl.text_encoder_2}
         )

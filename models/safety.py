@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 from diffusers.utils import logging as diffusers_logging
 
-from .weights import SAFETY_FILES
+from .weights.sources import SAFETY_FILES
 
 log = logging.getLogger(__name__)
 

@@ -1,31 +1,41 @@
-"""Shared fixtures: tiny random weights made once per test session, and the pipeline loaded on them."""
+"""Shared fixtures: tiny random weights made once per test session, the pipeline loaded on them, and the tiers.
+
+Tests are in three tiers: pure functions, the pipeline on tiny weights, and the predictor served by Cog's HTTP server.
+The first two, unmarked, also get the `fast` marker, which `bash scripts/test -m fast` runs between edits; tests that
+start servers or other processes are marked `server` (or `slow`, `soak`, `cuda`) and run in the whole suite.
+"""
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(os.cpu_count() or 1)
+
+NOT_FAST = ("server", "slow", "soak", "cuda")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if not any(item.get_closest_marker(marker) for marker in NOT_FAST):
+            item.add_marker(pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory) -> Path:
+    from models.tooling.random_weights.build import write_test_weights
+
     folder = tmp_path_factory.mktemp("weights") / "model-cache"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make-test-weights"), str(folder)], check=True)
+    write_test_weights(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def hub(tmp_path_factory, tiny_weights):
     """Repositories laid out like the three real ones, made from the tiny weights, and a fetcher reading them."""
-    from tests.hub import FakeHub, build_hub
+    from tests.support.hub import FakeHub, build_hub
 
     root = tmp_path_factory.mktemp("hub")
     fake = FakeHub(root)
@@ -49,14 +59,6 @@ def tiny_models(tiny_weights) -> dict:
 
 @pytest.fixture(scope="session")
 def pipeline(tiny_weights):
-    from models.loading import load_pipeline
+    from models.weights.load import load_pipeline
 
     return load_pipeline(tiny_weights)
-
-
-def photo(width: int, height: int, seed: int = 0) -> np.ndarray:
-    """A smooth test picture with texture: gradients plus noise, RGB uint8 (H, W, 3)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=2) * 200
-    return np.clip(base + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)

@@ -1,0 +1,1 @@
+"""The user's commands: `scripts/edit` and `scripts/download-weights` call one `main(argv)` here."""

@@ -1,0 +1,139 @@
+"""What a fetched file is, judged by its bytes alone, and the LoRA member of a Replicate training's .tar."""
+
+import enum
+import json
+import logging
+import shutil
+import struct
+import tarfile
+from pathlib import Path, PurePosixPath
+
+from .. import limits
+from ..errors import InputError
+from .messages import listed, one_line, too_large
+
+log = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
+"""Largest JSON header a safetensors file may declare (the format's own limit)."""
+
+TRAINING_LORA_NAME = "lora.safetensors"
+EMBEDDING_SUFFIXES = (".pti", ".pt")
+
+PICKLE_REFUSAL = (
+    "this is a PyTorch pickle/checkpoint file, not safetensors; only .safetensors LoRAs are loaded (pickles can run"
+    " code)"
+)
+NOT_A_LORA = "not a LoRA file (not safetensors or a .tar of a Replicate training)"
+
+
+class FileKind(enum.Enum):
+    SAFETENSORS = "safetensors"
+    DAMAGED_SAFETENSORS = "damaged safetensors"
+    TAR = "tar"
+    PICKLE = "pickle"
+    ZIP = "zip"
+    OTHER = "other"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """What keeps a file from being a whole safetensors file, or None when it is one.
+
+    The layout: a little-endian u64 N, N bytes of UTF-8 JSON (a dict of tensors, each with its byte range), then
+    the tensor bytes, which must end exactly where the file does.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        prefix = file.read(8)
+        if len(prefix) < 8:
+            return "shorter than a safetensors header"
+        (header_size,) = struct.unpack("<Q", prefix)
+        if not 2 <= header_size <= MAX_SAFETENSORS_HEADER_BYTES:
+            return f"implausible header size {header_size}"
+        if 8 + header_size > size:
+            return "the header runs past the end of the file, which is truncated"
+        header_bytes = file.read(header_size)
+    if not header_bytes.startswith(b"{"):
+        return "the header is not a JSON object"
+    try:
+        header = json.loads(header_bytes.decode("utf-8"))
+        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return "the header is not valid safetensors JSON"
+    body = size - 8 - header_size
+    end = max(ends, default=0)
+    if end > body:
+        return f"tensor data ends at byte {end} but the file has {body}, so it is truncated"
+    if end < body:
+        return f"{body - end} bytes after the last tensor"
+    return None
+
+
+def file_kind(path: Path) -> FileKind:
+    """What a file is, judged by its bytes alone."""
+    with path.open("rb") as file:
+        head = file.read(512)
+    if len(head) >= 9 and head[8:9] == b"{" and 2 <= struct.unpack("<Q", head[:8])[0] <= MAX_SAFETENSORS_HEADER_BYTES:
+        return FileKind.DAMAGED_SAFETENSORS if safetensors_problem(path) else FileKind.SAFETENSORS
+    if head[257:262] == b"ustar" or (head and tarfile.is_tarfile(path)):
+        return FileKind.TAR
+    if head[:1] == b"\x80":
+        return FileKind.PICKLE
+    if head[:4] == b"PK\x03\x04":
+        return FileKind.ZIP
+    return FileKind.OTHER
+
+
+def require_safetensors(name: str, path: Path) -> None:
+    kind = file_kind(path)
+    if kind is FileKind.SAFETENSORS:
+        return
+    if kind is FileKind.DAMAGED_SAFETENSORS:
+        raise InputError(f"{name}: a damaged safetensors file ({safetensors_problem(path)}); check the source")
+    if kind in (FileKind.PICKLE, FileKind.ZIP):
+        raise InputError(f"{name}: {PICKLE_REFUSAL}")
+    raise InputError(f"{name}: {NOT_A_LORA}")
+
+
+def training_lora_member(name: str, members: list[tarfile.TarInfo]) -> tarfile.TarInfo:
+    """The LoRA of a Replicate training: lora.safetensors, else the only .safetensors file; embeddings (pickles)
+    are ignored with a warning. Only regular files count: links, devices and folders are skipped."""
+    files = [member for member in members if member.isfile()]
+    for member in files:
+        if member.name.lower().endswith(EMBEDDING_SUFFIXES):
+            log.warning(
+                "%s: ignoring %s in the .tar: textual-inversion embeddings are pickles and are not loaded",
+                name,
+                one_line(member.name),
+            )
+    candidates = [member for member in files if member.name.lower().endswith(".safetensors")]
+    named = [member for member in candidates if PurePosixPath(member.name).name == TRAINING_LORA_NAME]
+    chosen = named or candidates
+    if len(chosen) == 1:
+        return chosen[0]
+    if not chosen:
+        raise InputError(f"{name}: the .tar has no .safetensors file, so it is not a Replicate LoRA training")
+    raise InputError(
+        f"{name}: the .tar has several .safetensors files and no single {TRAINING_LORA_NAME}"
+        f" ({listed([member.name for member in chosen])}); give the URL of one .safetensors file"
+    )
+
+
+def extract_training_lora(name: str, archive: Path, target: Path) -> None:
+    """Copy the LoRA member of a training .tar into target, a file of our choosing (never a path from the archive;
+    nothing else is extracted)."""
+    try:
+        with tarfile.open(archive, "r:") as tar:
+            member = training_lora_member(name, tar.getmembers())
+            if member.size > limits.MAX_LORA_BYTES:
+                raise too_large(name, member.size)
+            source = tar.extractfile(member)
+            if source is None:
+                raise tarfile.ReadError(f"cannot read {member.name}")
+            with source, target.open("wb") as out:
+                shutil.copyfileobj(source, out, CHUNK_BYTES)
+    except (tarfile.TarError, EOFError) as error:
+        raise InputError(
+            f"{name}: the .tar is damaged or compressed ({one_line(str(error), 100)}); give a training's plain .tar"
+        ) from None

@@ -1,0 +1,244 @@
+"""Loading the model folder: the only code that reads weight files.
+
+The folder must match its manifest (models/weights/manifest.py) before anything is read; a missing or damaged folder is
+built first (models/weights/build.py), unless the Hub is out of reach. Each component is built on the meta device and
+its safetensors tensors are loaded straight onto the target device (diffusers and transformers from_pretrained with
+a device_map), then cast to the target dtype there: no random initialisation. The Flash-SDXL LoRA is fused into the
+UNet's weights by models/loras/merge.py, so peft is never imported.
+"""
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .. import settings
+from ..acceleration import compile_and_warm_up, save_memory, speed_up
+from ..errors import DownloadError, InputError, WeightsError
+from ..loras.formats import LoraError, Targets, read_lora
+from ..loras.merge import fuse
+from ..pipeline import DifferentialDiffusionPipeline
+from ..safety import SafetyChecker
+from .build import build_weights
+from .manifest import Manifest, check_against_manifest
+from .sources import DOWNLOAD_COMMAND, SAFETY_FILES
+
+log = logging.getLogger(__name__)
+
+MODELS = {
+    "unet": UNet2DConditionModel,
+    "vae": AutoencoderKL,
+    "text_encoder": CLIPTextModel,
+    "text_encoder_2": CLIPTextModelWithProjection,
+}
+
+
+def compile_cache(folder: Path) -> Path:
+    """torch.compile's cache, next to the weights folder rather than in it: the folder holds only manifest files."""
+    folder = folder.absolute()
+    return folder.with_name(f"{folder.name}.compile-cache")
+
+
+DEVICES = ("auto", "cuda", "cpu")
+
+LOW_VRAM_EDIT_BYTES = 3 * 2**30
+"""GPU memory a one-megapixel edit needs beside the weights (the VAE decode's activations, mostly): with less free
+than the weights plus this, setup chooses the low-memory mode by itself."""
+
+
+def select_device(requested: str = "auto") -> tuple[torch.device, torch.dtype]:
+    """CUDA when there is a GPU, in bf16 (fp16 on GPUs older than Ampere, which lack bf16: the fp16-fix VAE runs in
+    both); else the CPU in fp32 (bf16 is ~5x slower on CPUs without native bf16)."""
+    if requested not in DEVICES:
+        raise InputError(f"device: must be one of {', '.join(DEVICES)}, got {requested!r}")
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu"), torch.float32
+    if not torch.cuda.is_available():
+        raise InputError("device: cuda asked for, but PyTorch sees no CUDA GPU; use auto or cpu")
+    return torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def weights_bytes_on_device(manifest: Manifest) -> int:
+    """The models' size in a 16-bit dtype on the GPU, from the manifest (the safety checker is stored in fp32)."""
+    sizes = {name: record.size for name, record in manifest.files.items() if name.endswith(".safetensors")}
+    checker = SAFETY_FILES["model.safetensors"]
+    return sum(size for name, size in sizes.items() if name != checker) + sizes.get(checker, 0) // 2
+
+
+def choose_low_vram(device: torch.device, manifest: Manifest, requested: bool | None) -> bool:
+    """The low-memory mode when asked for ($LOW_VRAM, --low-vram), or on a GPU with less free memory than the
+    weights and a one-megapixel edit need."""
+    if requested is not None:
+        return requested
+    if settings.enabled(settings.LOW_VRAM):
+        return True
+    if device.type != "cuda":
+        return False
+    free, _ = torch.cuda.mem_get_info(device)
+    needed = weights_bytes_on_device(manifest) + LOW_VRAM_EDIT_BYTES
+    if free < needed:
+        log.warning("the GPU has %.1f GiB free, a normal load needs about %.1f GiB: low-memory mode", free / 2**30,
+                    needed / 2**30)  # fmt: skip
+        return True
+    return False
+
+
+def check_folder(folder: Path, hashes: bool | None = None) -> Manifest:
+    """Refuse a missing folder, or one that fails its manifest, before anything is read.
+
+    Sizes and the file list are always checked (milliseconds); sha256 of every byte only with hashes=True or
+    $VERIFY_WEIGHTS=1, since scripts/download-weights already hashed them.
+    """
+    started = time.perf_counter()
+    hashes = settings.enabled(settings.VERIFY_WEIGHTS) if hashes is None else hashes
+    manifest = check_against_manifest(folder, hashes=hashes)
+    log.info(
+        "checked %d files against %s by %s in %.2fs: %s",
+        len(manifest.files),
+        folder / "manifest.json",
+        "sha256" if hashes else "size",
+        time.perf_counter() - started,
+        manifest.describe(),
+    )
+    return manifest
+
+
+def prepare_folder(folder: Path, build_missing: bool = True) -> Manifest:
+    """The folder's manifest once it is complete: a missing or damaged folder is built first, as download-weights
+    does, when the Hub (or $WEIGHTS_SNAPSHOTS) can be reached; otherwise one line naming the command to run."""
+    try:
+        manifest = check_folder(folder)
+        lacking = [name for name in SAFETY_FILES.values() if name not in manifest.files]
+        if lacking:
+            raise WeightsError(
+                f"{folder.resolve()} has no safety checker ({lacking[0]}): run `{DOWNLOAD_COMMAND}`, which fetches"
+                " only what the folder lacks"
+            )
+        return manifest
+    except WeightsError as problem:
+        offline = settings.enabled(settings.HF_HUB_OFFLINE) and not settings.folder(settings.WEIGHTS_SNAPSHOTS)
+        if not build_missing or offline:
+            raise
+        log.warning("%s", problem)
+        log.info("building %s now, as scripts/download-weights does (about 7 GB from the Hub)", folder.absolute())
+        try:
+            build_weights(folder)
+        except (DownloadError, OSError) as error:
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise WeightsError(f"{problem} (building it here failed: {reason})") from None
+    return check_folder(folder)
+
+
+def stored_dtype(manifest: Manifest, target: torch.dtype) -> torch.dtype:
+    """The dtype to read the tensors in: the files' own, so that the cast to the target runs on the device.
+
+    from_pretrained casts each tensor on the CPU before moving it, tens of seconds for SDXL's 7 GB on a few CPU cores,
+    where on a GPU it is milliseconds of memory traffic. Folders of mixed dtypes load in the target dtype.
+    """
+    stored = getattr(torch, manifest.dtype, None)
+    return stored if isinstance(stored, torch.dtype) else target
+
+
+def keeps_float32_modules(model_class: type) -> bool:
+    """Models with modules that from_pretrained keeps in float32 must be loaded in the target dtype directly."""
+    return bool(getattr(model_class, "_keep_in_fp32_modules", None))
+
+
+def fuse_flash_lora(unet: torch.nn.Module, folder: Path, manifest: Manifest, dtype: torch.dtype) -> float:
+    """Fuse the folder's LoRA into the UNet, from the stored weights, rounding once to the target dtype; the seconds
+    it took."""
+    if manifest.lora is None:
+        return 0.0
+    started = time.perf_counter()
+    try:
+        updates = read_lora(folder / manifest.lora["file"], {"unet": unet})
+    except LoraError as error:
+        raise WeightsError(f"{manifest.lora['file']} in {folder.resolve()}: {error}") from None
+    fuse(Targets.of({"unet": unet}), updates, float(manifest.lora["scale"]), dtype)
+    seconds = time.perf_counter() - started
+    log.info("fused %s (%d layers) in %.2fs", manifest.lora["file"], len(updates), seconds)
+    return seconds
+
+
+def load_pipeline(
+    folder: Path | None = None,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    build_missing: bool = True,
+    low_vram: bool | None = None,
+    on_loaded: Callable[[str], None] | None = None,
+) -> DifferentialDiffusionPipeline:
+    """Load every component from safetensors straight onto the device, in the target dtype, logging each one's time.
+
+    build_missing: build a missing or damaged folder first, when the Hub can be reached. low_vram: the low-memory
+    mode (None: as $LOW_VRAM says, or when the GPU lacks the memory); on a GPU the models then load on the CPU in
+    fp16 (their stored dtype: no cast) and move to the GPU one at a time. on_loaded is told each component's name
+    as it is loaded (progress bars). The seconds of each stage are kept in the pipeline's setup_timings.
+    """
+    setup_started = time.perf_counter()
+    folder = Path(folder) if folder is not None else settings.model_cache()
+    if device is None or dtype is None:
+        device, dtype = select_device()
+    manifest = prepare_folder(folder, build_missing)
+    timings = {"check_folder": time.perf_counter() - setup_started}
+    offload = choose_low_vram(device, manifest, low_vram)
+    if offload and device.type == "cuda":
+        dtype = torch.float16
+    load_device = torch.device("cpu") if offload else device
+    stored = stored_dtype(manifest, dtype)
+    started = time.perf_counter()
+    components: dict = {}
+    for name, model_class in MODELS.items():
+        loaded_at = time.perf_counter()
+        model = model_class.from_pretrained(
+            folder,
+            subfolder=name,
+            torch_dtype=dtype if keeps_float32_modules(model_class) else stored,
+            device_map=str(load_device),
+            use_safetensors=True,
+            local_files_only=True,
+        )
+        if name == "unet":
+            timings["fuse_lora"] = fuse_flash_lora(model, folder, manifest, dtype)
+        # nn.Module.to: ModelMixin.to warns about float32-kept modules on every cast, even when there are none.
+        components[name] = torch.nn.Module.to(model, load_device, dtype).eval().requires_grad_(False)
+        timings[name] = time.perf_counter() - loaded_at
+        log.info("loaded %s in %.2fs", name, timings[name])
+        if on_loaded is not None:
+            on_loaded(name)
+    for name in ("tokenizer", "tokenizer_2"):
+        components[name] = CLIPTokenizer.from_pretrained(folder, subfolder=name, local_files_only=True)
+    components["scheduler"] = LCMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True)
+    sdxl = StableDiffusionXLImg2ImgPipeline(**components, force_zeros_for_empty_prompt=True)
+    sdxl.set_progress_bar_config(disable=True)
+    log.info(
+        "loaded %s on %s (%s) in %.2fs",
+        folder,
+        device,
+        str(dtype).removeprefix("torch."),
+        time.perf_counter() - started,
+    )
+    pipeline = DifferentialDiffusionPipeline(sdxl, device, dtype)
+    stage_started = time.perf_counter()
+    pipeline.safety = SafetyChecker.load(folder, load_device, dtype, device)
+    timings["safety_checker"] = time.perf_counter() - stage_started
+    if on_loaded is not None:
+        on_loaded("safety_checker")
+    stage_started = time.perf_counter()
+    speed_up(pipeline)
+    timings["speed_up"] = time.perf_counter() - stage_started
+    if offload:
+        save_memory(pipeline)
+        log.info(
+            "low-memory mode: VAE tiling%s", ", models offloaded to the CPU between uses" * (device.type == "cuda")
+        )
+    elif settings.enabled(settings.COMPILE):
+        stage_started = time.perf_counter()
+        compile_and_warm_up(pipeline, compile_cache(folder))
+        timings["compile_and_warm_up"] = time.perf_counter() - stage_started
+    pipeline.setup_timings = {**timings, "total": time.perf_counter() - setup_started}
+    return pipeline

@@ -1,0 +1,93 @@
+"""Where the weights come from: the Hugging Face repositories, their pinned revisions and the files taken from each,
+and where each file goes in the weights folder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+DOWNLOAD_COMMAND = "python scripts/download-weights"
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+LORA_FOLDER = "flash-lora"
+"""Where the Flash-SDXL LoRA file lies in the weights folder, unmodified (its licence allows no adaptation)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One Hugging Face repository at a revision (commit, tag or branch) and the files taken from it."""
+
+    repo: str
+    revision: str
+    files: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Sources:
+    """Everything the weights folder is built from."""
+
+    sdxl: Source
+    vae: Source
+    lora: Source
+    safety: Source | None = None
+    lora_weight_name: str = LORA_WEIGHT_NAME
+    lora_scale: float = 1.0
+
+    def pinned(self, **revisions: str | None) -> Sources:
+        """The same sources with the given revisions (by source name: sdxl=..., safety=...) in place of the defaults."""
+        return replace(
+            self,
+            **{
+                name: replace(source, revision=revisions.get(name) or source.revision)
+                for name, source in self.named().items()
+            },
+        )
+
+    def named(self) -> dict[str, Source]:
+        named = {"sdxl": self.sdxl, "vae": self.vae, "lora": self.lora}
+        return named | ({"safety": self.safety} if self.safety is not None else {})
+
+
+SDXL_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.fp16.safetensors",
+    *(f"{tokenizer}/{name}" for tokenizer in ("tokenizer", "tokenizer_2") for name in (
+        "merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"
+    )),
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+)  # fmt: skip
+"""The fp16 variant of every component but the VAE: no fp32 or single-file UNet copy, no .bin/.onnx/.msgpack."""
+
+DEFAULT_SOURCES = Sources(
+    # A commit of the main branch that many projects pin; --sdxl-revision main takes the newest.
+    sdxl=Source("stabilityai/stable-diffusion-xl-base-1.0", "462165984030d82259a11f4367a4eed129e94a7b", SDXL_FILES),
+    # The fp16-safe VAE (runs in fp16 and bf16 without NaNs), at a commit many projects pin.
+    vae=Source(
+        "madebyollin/sdxl-vae-fp16-fix",
+        "207b116dae70ace3637169f1ddd2434b91b3a8cd",
+        ("config.json", "diffusion_pytorch_model.safetensors"),
+    ),
+    # No commit pinned yet: "main" is resolved at download time and the commit is recorded in the manifest;
+    # copy it here (or pass --lora-revision) to pin it.
+    lora=Source("jasperai/flash-sdxl", "main", (LORA_WEIGHT_NAME,)),
+    # The CompVis safety checker Replicate's SDXL uses, at the pull request that added its safetensors weights
+    # (the main branch long held only pytorch_model.bin); the resolved commit is recorded in the manifest.
+    safety=Source(
+        "CompVis/stable-diffusion-safety-checker",
+        "refs/pr/41",
+        ("config.json", "model.safetensors", "preprocessor_config.json"),
+    ),
+)
+
+MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
+"""The folders whose tensors' dtype the manifest records: the ones loading reads in that dtype."""
+
+SAFETY_FILES = {
+    "config.json": "safety_checker/config.json",
+    "model.safetensors": "safety_checker/model.safetensors",
+    "preprocessor_config.json": "feature_extractor/preprocessor_config.json",
+}
+"""Where the safety checker's files go in the weights folder: diffusers' names for a pipeline's checker."""
