@@ -28,6 +28,20 @@ MAP_ASPECT_TOLERANCE = 0.01
 MAX_LORA_BYTES = 2 * 1024**3
 """Largest LoRA file (or Replicate training .tar) fetched, in bytes: SDXL LoRAs reach ~1.7 GB at high rank."""
 
+MAX_LORA_HEADER_BYTES = 8 * 1024**2
+"""Largest JSON header of a LoRA file: a LyCORIS LoKr on every SDXL layer, text encoders included, lists about 17,000
+tensors in about 3 MB. The safetensors format allows 100 MB, which would be read whole before a name is looked at."""
+
+MAX_LORA_TENSORS = 30_000
+"""Most tensors a LoRA file may list: SDXL has about 2,900 layers a LoRA can adapt, and no layout stores more than
+about six tensors a layer."""
+
+MAX_LORA_ALPHA = 1e6
+"""Largest alpha (or lora_alpha) a file may state; SimpleTuner's LoKr preset stores 10,000."""
+
+MAX_LORA_DOWNLOAD_S = 900.0
+"""Default seconds a LoRA download may take in all ($LORA_DOWNLOAD_TIMEOUT): 2 GiB at 2.4 MB/s."""
+
 LORA_CACHE_MAX_BYTES = 20 * 1024**3
 """Default total size of the on-disk LoRA cache before least recently used entries are evicted."""
 

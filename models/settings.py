@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SettingError
-from .limits import LORA_CACHE_MAX_BYTES, LORA_CACHE_MIN_FREE_BYTES
+from .limits import LORA_CACHE_MAX_BYTES, LORA_CACHE_MIN_FREE_BYTES, MAX_LORA_DOWNLOAD_S
 
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("", "0", "false", "no", "off")
@@ -38,12 +38,15 @@ LORA_CACHE_MAX = Setting("LORA_CACHE_MAX_BYTES", str(LORA_CACHE_MAX_BYTES), "the
 LORA_CACHE_MIN_FREE = Setting(
     "LORA_CACHE_MIN_FREE_BYTES", str(LORA_CACHE_MIN_FREE_BYTES), "free disk space the LoRA cache keeps by evicting"
 )
+LORA_DOWNLOAD_TIMEOUT = Setting(
+    "LORA_DOWNLOAD_TIMEOUT", f"{MAX_LORA_DOWNLOAD_S:g}", "seconds a LoRA download may take in all (redirects included)"
+)
 ALLOW_PRIVATE_LORA_HOSTS = Setting("ALLOW_PRIVATE_LORA_HOSTS", "0", "1: fetch LoRAs from private addresses too")
 HF_ENDPOINT = Setting("HF_ENDPOINT", "https://huggingface.co", "the Hugging Face Hub's address")
 
 SETTINGS = (
     MODEL_CACHE, VERIFY_WEIGHTS, WEIGHTS_SNAPSHOTS, HF_HUB_OFFLINE, COMPILE, LOW_VRAM, HEAP_POLICY, LORA_CACHE,
-    LORA_CACHE_MAX, LORA_CACHE_MIN_FREE, ALLOW_PRIVATE_LORA_HOSTS, HF_ENDPOINT,
+    LORA_CACHE_MAX, LORA_CACHE_MIN_FREE, LORA_DOWNLOAD_TIMEOUT, ALLOW_PRIVATE_LORA_HOSTS, HF_ENDPOINT,
 )  # fmt: skip
 
 
@@ -62,6 +65,16 @@ def byte_count(setting: Setting) -> int:
     if not value.isdigit():
         raise SettingError(f"{setting.name}: must be a whole number of bytes, got {value!r}")
     return int(value)
+
+
+def seconds(setting: Setting) -> float:
+    try:
+        value = float(setting.text())
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise SettingError(f"{setting.name}: must be a positive number of seconds, got {setting.text()!r}")
+    return value
 
 
 def folder(setting: Setting) -> Path | None:

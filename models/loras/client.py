@@ -19,6 +19,7 @@ import logging
 import re
 import socket
 import ssl
+import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -229,7 +230,7 @@ def reading(name: str, url: str) -> Iterator[None]:
         raise InputError(f"{name}: the connection broke while fetching {redact(url)} ({reason}); try again") from None
 
 
-def get(name: str, url: str, authorization: str | None) -> http.client.HTTPResponse:
+def get(name: str, url: str, authorization: str | None, deadline: float) -> http.client.HTTPResponse:
     """The 200 response for a URL, following up to MAX_REDIRECTS redirects, each hop checked like the first.
 
     The Authorization header goes only to the URL's own origin and is dropped for good once a redirect leaves it
@@ -237,6 +238,7 @@ def get(name: str, url: str, authorization: str | None) -> http.client.HTTPRespo
     """
     first_url, first_origin = url, origin(url)
     for _ in range(MAX_REDIRECTS + 1):
+        check_deadline(name, first_url, deadline)
         if origin(url) != first_origin:
             authorization = None
         headers = {"User-Agent": USER_AGENT, "Accept": "*/*"}
@@ -262,8 +264,24 @@ def get(name: str, url: str, authorization: str | None) -> http.client.HTTPRespo
     return response
 
 
-def save_body(name: str, response: http.client.HTTPResponse, url: str, file: Path) -> int:
-    """Stream a response body into a file, within the LoRA size limit; the number of bytes written."""
+def download_deadline() -> float:
+    """When a download that starts now must have finished ($LORA_DOWNLOAD_TIMEOUT from now, on the monotonic clock)."""
+    return time.monotonic() + settings.seconds(settings.LORA_DOWNLOAD_TIMEOUT)
+
+
+def check_deadline(name: str, url: str, deadline: float) -> None:
+    if time.monotonic() > deadline:
+        limit = settings.seconds(settings.LORA_DOWNLOAD_TIMEOUT)
+        raise InputError(
+            f"{name}: fetching {redact(url)} took longer than {limit:g} s ({settings.LORA_DOWNLOAD_TIMEOUT.name});"
+            " use a faster host or try again"
+        )
+
+
+def save_body(name: str, response: http.client.HTTPResponse, url: str, file: Path, deadline: float) -> int:
+    """Stream a response body into a file, within the LoRA size limit and the download's deadline; the number of bytes
+    written. read1 returns what has arrived, so a server that trickles bytes is checked against the deadline after
+    each arrival (one read waits at most the idle timeout)."""
     length = response.length  # http.client's reading of Content-Length: None when absent, invalid or chunked
     if length is not None and length > limits.MAX_LORA_BYTES:
         response.close()
@@ -272,9 +290,10 @@ def save_body(name: str, response: http.client.HTTPResponse, url: str, file: Pat
     with response, file.open("wb") as out:
         while True:
             with reading(name, url):
-                chunk = response.read(CHUNK_BYTES)
+                chunk = response.read1(CHUNK_BYTES)
             if not chunk:
                 break
+            check_deadline(name, url, deadline)
             received += len(chunk)
             if received > limits.MAX_LORA_BYTES:
                 raise too_large(name)
@@ -320,12 +339,12 @@ def generic_status_error(name: str, error: HTTPStatusError, shown: str) -> Input
     return InputError(f"{name}: {shown} answered HTTP {error.status} {error.phrase}; {advice}")
 
 
-def download_url(name: str, url: str, file: Path, authorization: str | None) -> int:
+def download_url(name: str, url: str, file: Path, authorization: str | None, deadline: float) -> int:
     try:
-        response = get(name, url, authorization)
+        response = get(name, url, authorization, deadline)
     except HTTPStatusError as error:
         raise status_error(name, error, url, token_given=authorization is not None) from None
-    return save_body(name, response, url, file)
+    return save_body(name, response, url, file, deadline)
 
 
 # Hugging Face
@@ -352,11 +371,11 @@ def hf_status_error(name: str, error: HTTPStatusError, repo: str, file: str | No
     return generic_status_error(name, error, f"Hugging Face ({redact(error.url)})")
 
 
-def hf_repo_files(name: str, repo: str, hf_token: str | None) -> list[str]:
+def hf_repo_files(name: str, repo: str, hf_token: str | None, deadline: float) -> list[str]:
     """Every file path in a Hugging Face repo, from the listing API."""
     url = f"{settings.hf_endpoint()}/api/models/{repo}"
     try:
-        response = get(name, url, authorization_for(url, hf_token, None))
+        response = get(name, url, authorization_for(url, hf_token, None), deadline)
     except HTTPStatusError as error:
         raise hf_status_error(name, error, repo, None, token_given=hf_token is not None) from None
     with response, reading(name, url):
@@ -370,12 +389,12 @@ def hf_repo_files(name: str, repo: str, hf_token: str | None) -> list[str]:
         raise InputError(f"{name}: Hugging Face gave an unreadable file list for {repo}; try again later") from None
 
 
-def hf_lora_file(name: str, source: HuggingFaceSource, hf_token: str | None) -> str:
+def hf_lora_file(name: str, source: HuggingFaceSource, hf_token: str | None, deadline: float) -> str:
     """The file to fetch: the one given, else the repo's single .safetensors file."""
     if source.file is not None:
         return source.file
     candidates = sorted(
-        path for path in hf_repo_files(name, source.repo, hf_token) if path.lower().endswith(".safetensors")
+        path for path in hf_repo_files(name, source.repo, hf_token, deadline) if path.lower().endswith(".safetensors")
     )
     if not candidates:
         raise InputError(f"{name}: the Hugging Face repo {source.repo} has no .safetensors file; give one that has")
@@ -387,11 +406,13 @@ def hf_lora_file(name: str, source: HuggingFaceSource, hf_token: str | None) -> 
     return candidates[0]
 
 
-def download_hugging_face(name: str, source: HuggingFaceSource, file: Path, hf_token: str | None) -> int:
-    path = hf_lora_file(name, source, hf_token)
+def download_hugging_face(
+    name: str, source: HuggingFaceSource, file: Path, hf_token: str | None, deadline: float
+) -> int:
+    path = hf_lora_file(name, source, hf_token, deadline)
     url = f"{settings.hf_endpoint()}/{source.repo}/resolve/main/{urllib.parse.quote(path)}"
     try:
-        response = get(name, url, authorization_for(url, hf_token, None))
+        response = get(name, url, authorization_for(url, hf_token, None), deadline)
     except HTTPStatusError as error:
         raise hf_status_error(name, error, source.repo, path, token_given=hf_token is not None) from None
-    return save_body(name, response, url, file)
+    return save_body(name, response, url, file, deadline)

@@ -15,6 +15,7 @@ from .client import (
     HF_TOKEN_INPUT,
     authorization_for,
     clean_token,
+    download_deadline,
     download_hugging_face,
     download_url,
 )
@@ -54,9 +55,10 @@ def fetch_lora(
     started = time.monotonic()
     with cache.temporary() as download:
         if isinstance(source, UrlSource):
-            size = download_url(name, source.url, download, authorization_for(source.url, hf_token, civitai_token))
+            authorization = authorization_for(source.url, hf_token, civitai_token)
+            size = download_url(name, source.url, download, authorization, download_deadline())
         elif isinstance(source, HuggingFaceSource):
-            size = download_hugging_face(name, source, download, hf_token)
+            size = download_hugging_face(name, source, download, hf_token, download_deadline())
         else:
             data = decode_data_uri(name, source.uri)
             download.write_bytes(data)

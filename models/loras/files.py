@@ -10,7 +10,8 @@ from pathlib import Path, PurePosixPath
 
 from .. import limits
 from ..errors import InputError
-from .messages import listed, one_line, too_large
+from ..limits import MAX_LORA_HEADER_BYTES, MAX_LORA_TENSORS
+from .messages import human_size, listed, one_line, too_large
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,11 @@ class FileKind(enum.Enum):
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """What keeps a file from being a whole safetensors file, or None when it is one.
+    """What keeps a file from being a whole safetensors LoRA, or None when it is one.
 
     The layout: a little-endian u64 N, N bytes of UTF-8 JSON (a dict of tensors, each with its byte range), then
-    the tensor bytes, which must end exactly where the file does.
+    the tensor bytes, which must end exactly where the file does. The header is read only within a LoRA's limits
+    (MAX_LORA_HEADER_BYTES, MAX_LORA_TENSORS), so a hostile header costs a bounded parse.
     """
     size = path.stat().st_size
     with path.open("rb") as file:
@@ -51,16 +53,30 @@ def safetensors_problem(path: Path) -> str | None:
         (header_size,) = struct.unpack("<Q", prefix)
         if not 2 <= header_size <= MAX_SAFETENSORS_HEADER_BYTES:
             return f"implausible header size {header_size}"
+        if header_size > MAX_LORA_HEADER_BYTES:
+            limit = human_size(MAX_LORA_HEADER_BYTES)
+            return f"its header is {human_size(header_size)}, more than the {limit} of a LoRA's"
         if 8 + header_size > size:
             return "the header runs past the end of the file, which is truncated"
         header_bytes = file.read(header_size)
     if not header_bytes.startswith(b"{"):
         return "the header is not a JSON object"
+    if header_bytes.count(b'"data_offsets"') > MAX_LORA_TENSORS:  # before a parse whose memory grows with the count
+        return f"it lists more than an SDXL LoRA's {MAX_LORA_TENSORS:,} tensors"
     try:
         header = json.loads(header_bytes.decode("utf-8"))
-        ends = [int(entry["data_offsets"][1]) for key, entry in header.items() if key != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (ValueError, RecursionError):
         return "the header is not valid safetensors JSON"
+    entries = [entry for key, entry in header.items() if key != "__metadata__"]
+    if len(entries) > MAX_LORA_TENSORS:
+        return f"it lists {len(entries):,} tensors, more than an SDXL LoRA's {MAX_LORA_TENSORS:,}"
+    ends = [
+        offsets[1]
+        for entry in entries
+        if isinstance(entry, dict) and valid_offsets(offsets := entry.get("data_offsets"))
+    ]
+    if len(ends) != len(entries):
+        return "the header is not valid safetensors JSON (a tensor without a byte range)"
     body = size - 8 - header_size
     end = max(ends, default=0)
     if end > body:
@@ -68,6 +84,16 @@ def safetensors_problem(path: Path) -> str | None:
     if end < body:
         return f"{body - end} bytes after the last tensor"
     return None
+
+
+def valid_offsets(offsets: object) -> bool:
+    """A tensor's [start, end] byte range as the format has it: two whole numbers, in order."""
+    return (
+        isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(isinstance(offset, int) and not isinstance(offset, bool) for offset in offsets)
+        and 0 <= offsets[0] <= offsets[1]
+    )
 
 
 def file_kind(path: Path) -> FileKind:
@@ -90,7 +116,7 @@ def require_safetensors(name: str, path: Path) -> None:
     if kind is FileKind.SAFETENSORS:
         return
     if kind is FileKind.DAMAGED_SAFETENSORS:
-        raise InputError(f"{name}: a damaged safetensors file ({safetensors_problem(path)}); check the source")
+        raise InputError(f"{name}: not a usable safetensors LoRA ({safetensors_problem(path)}); check the source")
     if kind in (FileKind.PICKLE, FileKind.ZIP):
         raise InputError(f"{name}: {PICKLE_REFUSAL}")
     raise InputError(f"{name}: {NOT_A_LORA}")

@@ -24,9 +24,7 @@ mapped through `sgm_unet_paths`, which follows the UNet's config.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -36,6 +34,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
+from ..limits import MAX_LORA_TENSORS
+from .header import LoraError, Metadata, finite_number
 from .updates import LayerUpdate
 
 log = logging.getLogger(__name__)
@@ -129,10 +129,6 @@ FOREIGN_BASES = (
     (re.compile(r"^lora_te_|down_blocks[._]0[._]attentions|input_blocks[._][12][._]1[._]"), "an SD 1.x/2.x LoRA"),
 )
 """Names that only other base models have (SD 1.x/2.x have attention at the UNet's first level, SDXL does not)."""
-
-
-class LoraError(ValueError):
-    """A LoRA file that cannot be applied to SDXL; the message says why in one line (callers add the input's name)."""
 
 
 def flat(path: str) -> str:
@@ -269,61 +265,17 @@ def describe_foreign(keys: Iterable[str]) -> str:
     return "not an SDXL LoRA"
 
 
-class Metadata:
-    """Alphas and options that a file's header gives instead of `.alpha` tensors."""
-
-    def __init__(self, header: Mapping[str, str] | None):
-        header = dict(header or {})
-        self.peft: dict[str, dict] = {}
-        adapter = _json(header.get("lora_adapter_metadata"))
-        for key, value in (adapter or {}).items():
-            component, _, option = key.partition(".")
-            self.peft.setdefault(component, {})[option] = value
-        checkpoint = _json(header.get("__eridiffusion_ckpt__")) or {}
-        alpha = checkpoint.get("alpha", header.get("alpha", header.get("ss_network_alpha")))
-        self.file_alpha = _number(alpha)
-
-    def alpha(self, component: str, module: str) -> float | None:
-        config = self.peft.get(component, {})
-        for pattern, alpha in (config.get("alpha_pattern") or {}).items():
-            if re.fullmatch(rf"(.*\.)?{pattern}", module):
-                return float(alpha)
-        if "lora_alpha" in config:
-            return float(config["lora_alpha"])
-        return self.file_alpha
-
-    def rank_stabilised(self, component: str) -> bool:
-        return bool(self.peft.get(component, {}).get("use_rslora"))
+Plan = dict[tuple[str, str], dict[str, str]]
+"""(component, module) -> {role: the file's key of that tensor}."""
 
 
-def _json(text: str | None) -> dict | None:
-    try:
-        value = json.loads(text) if text else None
-    except ValueError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
-def _number(value: object) -> float | None:
-    try:
-        number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
-def parse_lora(
-    tensors: Mapping[str, torch.Tensor], header: Mapping[str, str] | None, targets: Targets
-) -> list[LayerUpdate]:
-    """Turn a file's tensors into one update per SDXL module, or refuse the whole file in one line.
-
-    Never a partial load: a key whose module SDXL lacks, a half pair, or a shape that does not fit stops it all.
-    """
-    metadata = Metadata(header)
-    groups: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+def plan_keys(keys: Iterable[str], targets: Targets) -> tuple[Plan, dict[tuple[str, str], set[str]]]:
+    """Each key's module, role and kind of update, from the names alone, so that a file that does not fit SDXL is
+    refused before any of its tensors is read. Also returns the kinds of update found for each module."""
+    plan: Plan = {}
     kinds: dict[tuple[str, str], set[str]] = {}
     unknown: list[str] = []
-    for key, tensor in tensors.items():
+    for key in keys:
         if key.startswith(IGNORED_PREFIXES):
             continue
         module_part, role, kind = split_key(key)
@@ -331,16 +283,48 @@ def parse_lora(
         if target is None:
             unknown.append(key)
             continue
-        groups.setdefault(target, {})[role] = tensor
+        plan.setdefault(target, {})[role] = key
         if kind:
             kinds.setdefault(target, set()).add(kind)
     if unknown:
         what = describe_foreign(unknown)
-        share = "none" if not groups else f"{len(unknown)} of {len(unknown) + sum(map(len, groups.values()))}"
+        share = "none" if not plan else f"{len(unknown)} of {len(unknown) + sum(map(len, plan.values()))}"
         raise LoraError(f"{what}: {share} of its tensors fit an SDXL layer (such as {sorted(unknown)[0]})")
-    if not groups:
+    if not plan:
         raise LoraError("the file holds no LoRA tensors")
-    updates = [_layer_update(target, roles, kinds.get(target, set()), metadata) for target, roles in groups.items()]
+    return plan, kinds
+
+
+def finite(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of the file, refused when it holds NaN or infinity (one would spread through every picture)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise LoraError(f"{key} holds NaN or infinite values, so the file is damaged")
+    return tensor
+
+
+def parse_lora(
+    tensors: Mapping[str, torch.Tensor], header: Mapping[str, str] | None, targets: Targets
+) -> list[LayerUpdate]:
+    """Turn a file's tensors into one update per SDXL module, or refuse the whole file in one line.
+
+    Never a partial load: a key whose module SDXL lacks, a half pair, a value that is not finite, or a shape that does
+    not fit stops it all.
+    """
+    plan, kinds = plan_keys(tensors, targets)
+    return build_updates(plan, kinds, tensors, Metadata(header), targets)
+
+
+def build_updates(
+    plan: Plan,
+    kinds: dict[tuple[str, str], set[str]],
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Metadata,
+    targets: Targets,
+) -> list[LayerUpdate]:
+    updates = []
+    for target, roles in plan.items():
+        checked = {role: finite(key, tensors[key]) for role, key in roles.items()}
+        updates.append(_layer_update(target, checked, kinds.get(target, set()), metadata))
     for update in updates:
         weight = targets.modules[update.component, update.module].weight
         expected = (weight.shape[0], weight[0].numel())
@@ -374,7 +358,11 @@ def _layer_update(
         raise LoraError(f"{component} layer {module} lacks {', '.join(missing)}: the file is incomplete")
     alpha_tensor = roles.pop("alpha", None)
     magnitude = roles.pop("magnitude", None)
-    alpha = float(alpha_tensor.float().flatten()[0]) if alpha_tensor is not None else metadata.alpha(component, module)
+    if alpha_tensor is not None and alpha_tensor.numel() == 0:
+        raise LoraError(f"the alpha of {component} layer {module} is an empty tensor")
+    alpha = metadata.alpha(component, module)
+    if alpha_tensor is not None:
+        alpha = finite_number(f"the alpha of {component} layer {module}", alpha_tensor.flatten()[0].item())
     return LayerUpdate(
         component=component,
         module=module,
@@ -386,16 +374,20 @@ def _layer_update(
     )
 
 
-def read_lora(path: Path, models: Mapping[str, nn.Module]) -> list[LayerUpdate]:
-    """Read a LoRA file for the given SDXL components ({"unet": ..., "text_encoder": ..., ...})."""
-    tensors, header = read_tensors(path)
-    return parse_lora(tensors, header, Targets.of(models))
-
-
-def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A safetensors file's tensors and header metadata (only safetensors: nothing here can run code)."""
+def read_lora(path: Path, targets: Targets) -> list[LayerUpdate]:
+    """Read a LoRA file for the given SDXL modules, reading only what it needs: the header's names are resolved and
+    its fields checked before any tensor is made, and only the tensors of the plan are read (safetensors only:
+    nothing here can run code)."""
     try:
         with safe_open(str(path), framework="pt") as file:
-            return {key: file.get_tensor(key) for key in file.keys()}, file.metadata() or {}  # noqa: SIM118
+            keys = list(file.keys())
+            if len(keys) > MAX_LORA_TENSORS:
+                raise LoraError(f"the file lists {len(keys):,} tensors; an SDXL LoRA has at most {MAX_LORA_TENSORS:,}")
+            metadata = Metadata(file.metadata() or {})
+            plan, kinds = plan_keys(keys, targets)
+            tensors = {key: file.get_tensor(key) for roles in plan.values() for key in roles.values()}
     except (SafetensorError, OSError, ValueError) as error:
+        if isinstance(error, LoraError):
+            raise
         raise LoraError(f"not a readable safetensors file ({str(error).splitlines()[0][:120]})") from None
+    return build_updates(plan, kinds, tensors, metadata, targets)

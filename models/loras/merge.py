@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .formats import Targets, parse_lora, read_tensors
+from .formats import Targets, read_lora
+from .header import LoraError
 from .updates import LayerUpdate, merged_weight
 
 
@@ -52,8 +53,7 @@ class LoraMerger:
         return sum(weight.numel() * weight.element_size() for weight in weights)
 
     def read(self, path: Path) -> list[LayerUpdate]:
-        tensors, header = read_tensors(path)
-        return parse_lora(tensors, header, self.targets)
+        return read_lora(path, self.targets)
 
     def copied_bytes(self) -> int:
         """Memory held by the copies of the changed weights."""
@@ -74,7 +74,8 @@ class LoraMerger:
     def apply(self, key: tuple, loras: Iterable[tuple[list[LayerUpdate], float]]) -> None:
         """Make the weights the reference plus these LoRAs at these strengths; `key` names the set for `applied`.
 
-        A failure part way leaves the reference weights, never a half-merged model.
+        A failure part way leaves the reference weights, never a half-merged model; a merged weight beyond the model
+        dtype's range (an overflow to infinity in fp16, say) is such a failure.
         """
         self.restore()
         grouped: dict[tuple[str, str], list[tuple[LayerUpdate, float]]] = {}
@@ -85,7 +86,14 @@ class LoraMerger:
             for target, pairs in grouped.items():
                 weight = self.targets.modules[target].weight
                 self.originals[target] = weight.detach().to(self.copies_device or weight.device, copy=True)
-                weight.copy_(merged_weight(weight, pairs).to(weight.dtype))
+                merged = merged_weight(weight, pairs).to(weight.dtype)
+                if not bool(torch.isfinite(merged).all()):
+                    component, module = target
+                    raise LoraError(
+                        f"merged at these scales, {component} layer {module} leaves the {weight.dtype} range; lower the"
+                        " scale"
+                    )
+                weight.copy_(merged)
         except BaseException:
             self.restore()
             raise

@@ -18,7 +18,7 @@ from ..inputs import LoraOptions
 from ..pipeline import DifferentialDiffusionPipeline
 from .cache import LoraCache
 from .fetch import fetch_lora
-from .formats import LoraError
+from .header import LoraError
 from .updates import LayerUpdate
 
 log = logging.getLogger(__name__)
@@ -107,7 +107,10 @@ def use_loras(
         loras.append((updates, scale))
     if loras:
         place_copies(pipeline, fetched[0][0], pipeline.loras.copy_bytes(loras), reserve_bytes)
-    pipeline.loras.apply(key, loras)
+    try:
+        pipeline.loras.apply(key, loras)
+    except LoraError as error:
+        raise InputError(f"{' and '.join(name for name, _, _ in fetched)}: {error}") from None
     seconds = time.perf_counter() - started
     if loras:
         copies = pipeline.loras.copied_bytes() / 2**20

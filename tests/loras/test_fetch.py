@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save
 
 from models import limits
-from models.errors import InputError
+from models.errors import InputError, SettingError
 from models.loras import client as http_client
 from models.loras.cache import LoraCache, cache_key
 from models.loras.client import authorization_for, checked_addresses, is_public_address
@@ -500,7 +500,7 @@ def test_training_tar_uses_lora_safetensors_and_ignores_embeddings(cache, caplog
         ({"special_params.json": b"{}"}, {}, "has no .safetensors file"),
         ({}, {"lora.safetensors": "/etc/passwd"}, "has no .safetensors file"),
         ({"lora.safetensors": pickle.dumps([1])}, {}, PICKLE_REFUSAL),
-        ({"lora.safetensors": LORA[:-3]}, {}, "damaged safetensors"),
+        ({"lora.safetensors": LORA[:-3]}, {}, "not a usable safetensors LoRA"),
     ],
 )
 def test_training_tar_member_choice(tmp_path, cache, files, symlinks, outcome):
@@ -724,6 +724,35 @@ def test_slow_server_times_out(server, cache, private_ok, monkeypatch):
     refused(lambda: get_lora(server.url("/stalls.safetensors"), cache), "timed out fetching", "after 0.2 s")
     assert time.monotonic() - started < 1.5
     assert not cache_files(cache)
+
+
+def test_a_download_that_trickles_is_stopped_at_its_deadline(server, cache, private_ok, monkeypatch):
+    """Every byte arrives within the idle timeout, yet the download as a whole is bounded ($LORA_DOWNLOAD_TIMEOUT)."""
+    monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "1")
+
+    def trickle(handler: BaseHTTPRequestHandler) -> None:
+        send(handler, 200, b"", headers={"Content-Length": str(len(LORA))}, length=False)
+        for byte in LORA:
+            handler.wfile.write(bytes([byte]))
+            handler.wfile.flush()
+            time.sleep(0.05)
+
+    server.routes["/trickle.safetensors"] = trickle
+    started = time.monotonic()
+    refused(
+        lambda: get_lora(server.url("/trickle.safetensors"), cache),
+        f"fetching {server.url('/trickle.safetensors')} took longer than 1 s (LORA_DOWNLOAD_TIMEOUT)",
+    )
+    assert time.monotonic() - started < 2.0
+    assert not cache_files(cache)
+
+
+def test_the_download_deadline_must_be_a_positive_number_of_seconds(server, cache, private_ok, monkeypatch):
+    monkeypatch.setenv("LORA_DOWNLOAD_TIMEOUT", "soon")
+    server.file("/lora.safetensors", LORA)
+    expected = r"^LORA_DOWNLOAD_TIMEOUT: must be a positive number of seconds, got 'soon'$"
+    with pytest.raises(SettingError, match=expected):
+        get_lora(server.url("/lora.safetensors"), cache)
 
 
 def test_size_cap_from_content_length_and_while_streaming(server, cache, private_ok, monkeypatch):

@@ -153,11 +153,11 @@ def test_one_foreign_key_among_good_ones_refuses_the_whole_file(models, targets)
         parse_lora(tensors, header, targets)
 
 
-def test_a_pickle_is_not_read(tmp_path):
+def test_a_pickle_is_not_read(tmp_path, targets):
     path = tmp_path / "lora.safetensors"
     path.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
     with pytest.raises(LoraError, match="not a readable safetensors file"):
-        formats.read_tensors(path)
+        formats.read_lora(path, targets)
 
 
 # The merger on the loaded pipeline: fused QKV projections and sub-pixel upsamplers must see every change.
@@ -260,3 +260,18 @@ def test_a_failure_part_way_leaves_the_reference_weights(fresh_pipeline, tmp_pat
         pipeline.loras.apply(("x",), [(updates, 1.0)])
     assert pipeline.loras.applied == () and not pipeline.loras.originals
     assert torch.equal(unet_output(pipeline), before)
+
+
+def test_a_merge_that_leaves_the_dtype_range_is_refused_and_leaves_the_reference():
+    """fp16 stops at 65504: a finite LoRA at a high scale can overflow it; the weights stay as they were."""
+    from models.loras.merge import LoraMerger
+    from models.loras.updates import LayerUpdate
+
+    layer = torch.nn.Linear(4, 4).half()
+    before = layer.weight.detach().clone()
+    merger = LoraMerger({"text_encoder": torch.nn.Sequential(layer)})
+    tensors = {"down": torch.full((1, 4), 1000.0), "up": torch.full((4, 1), 1000.0)}
+    update = LayerUpdate("text_encoder", "0", "lora", tensors)
+    with pytest.raises(LoraError, match=r"^merged at these scales, text_encoder layer 0 leaves the torch.float16"):
+        merger.apply(("x",), [([update], 3.0)])
+    assert torch.equal(layer.weight, before) and merger.applied == () and not merger.originals
