@@ -43,10 +43,13 @@ def edit_files(
     whose copies outlive it, does not.
     """
     width, height = picture_size(image_path, "image")
-    memory.check_fits(pipeline, options.num_outputs, width, height, working_area)
+    map_width, map_height = picture_size(map_path, "map")
+    memory.check_fits(pipeline, options.num_outputs, width, height, working_area, map_width * map_height)
     try:
         loras = loras or LoraOptions.from_values({})
-        edit_bytes = memory.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area)
+        edit_bytes = memory.estimate_peak_bytes(
+            pipeline, options.num_outputs, width, height, working_area, map_width * map_height
+        )
         lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
         with heap.for_edit():
             result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step, on_step)

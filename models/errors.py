@@ -39,5 +39,9 @@ class SafetyError(ProjectError):
     """Every output of a prediction was flagged by the safety checker; the message says what to try."""
 
 
+class NumericError(ProjectError):
+    """An edit produced NaN or infinite values; nothing is returned, and the message says what to try."""
+
+
 class NotEnoughMemoryError(ProjectError):
     """A request needs more memory than there is; the message names what to lower."""

@@ -29,6 +29,9 @@ INPUT_BYTES_PER_PIXEL = 32
 INPUT_BYTES_PER_PIXEL_PER_OUTPUT = 24
 """Float copies at the input's own size (the picture, its map, the composite), measured with a 12 MP input."""
 
+MAP_BYTES_PER_PIXEL = 28
+"""Peak memory of decoding and fitting a map, per pixel of the map: measured 10 (gray), 12 (16-bit) and 24 (RGBA)."""
+
 MEMORY_HEADROOM = 0.9
 """Share of the available memory a prediction may plan to use; the rest covers the estimate's error."""
 
@@ -40,15 +43,30 @@ UNLIMITED_CGROUP = 2**60
 
 
 def estimate_peak_bytes(
-    pipeline: DifferentialDiffusionPipeline, num_outputs: int, width: int, height: int, area: int = WORKING_AREA
+    pipeline: DifferentialDiffusionPipeline,
+    num_outputs: int,
+    width: int,
+    height: int,
+    area: int = WORKING_AREA,
+    map_pixels: int = 0,
 ) -> int:
-    """Memory a prediction needs on top of the loaded model, from its working size, batch and the VAE's width."""
+    """Memory a prediction needs on top of the loaded model, from its working size, batch and the VAE's width, the
+    input's size and the map's (decoded and fitted: the same host memory on any device)."""
+    return device_bytes(pipeline, num_outputs, width, height, area) + host_bytes(num_outputs, width, height, map_pixels)
+
+
+def device_bytes(pipeline: DifferentialDiffusionPipeline, num_outputs: int, width: int, height: int, area: int) -> int:
+    """The edit's activations, the VAE decode's mostly, on the pipeline's device."""
     work_width, work_height = working_size(width, height, area)
     channels = max(pipeline.vae.config.block_out_channels[:2])
     element_bytes = torch.finfo(pipeline.dtype).bits // 8
-    decode = work_width * work_height * channels * element_bytes * VAE_ACTIVATION_COPIES * num_outputs
+    return work_width * work_height * channels * element_bytes * VAE_ACTIVATION_COPIES * num_outputs
+
+
+def host_bytes(num_outputs: int, width: int, height: int, map_pixels: int) -> int:
+    """Copies at the input's own size and the map's decode, in host memory whatever the device."""
     full_size = width * height * (INPUT_BYTES_PER_PIXEL + INPUT_BYTES_PER_PIXEL_PER_OUTPUT * num_outputs)
-    return decode + full_size
+    return full_size + map_pixels * MAP_BYTES_PER_PIXEL
 
 
 def _read_number(path: Path) -> int | None:
@@ -99,17 +117,23 @@ def _gib(size: int) -> str:
 
 
 def check_fits(
-    pipeline: DifferentialDiffusionPipeline, num_outputs: int, width: int, height: int, area: int = WORKING_AREA
+    pipeline: DifferentialDiffusionPipeline,
+    num_outputs: int,
+    width: int,
+    height: int,
+    area: int = WORKING_AREA,
+    map_pixels: int = 0,
 ) -> None:
-    """On CPU, refuse before starting a prediction whose estimated peak does not fit in available memory."""
-    if pipeline.device.type != "cpu":
-        return
-    needed = estimate_peak_bytes(pipeline, num_outputs, width, height, area)
+    """Refuse, before starting, a prediction whose estimated peak does not fit in available host memory: all of it
+    on a CPU; on a GPU, what it decodes at the input's and the map's size (a GPU's shortage is caught as it comes)."""
+    needed = host_bytes(num_outputs, width, height, map_pixels)
+    if pipeline.device.type == "cpu":
+        needed += device_bytes(pipeline, num_outputs, width, height, area)
     available = available_bytes()
     if available is not None and needed > available * MEMORY_HEADROOM:
         raise NotEnoughMemoryError(
             f"num_outputs: {num_outputs} output(s) of a {width}x{height} image need about {_gib(needed)} of memory"
-            f" and {_gib(available)} is free; lower num_outputs or send a smaller image"
+            f" and {_gib(available)} is free; lower num_outputs or send a smaller image (or map)"
         )
 
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
 from . import maps, sampler
+from .errors import NumericError
 from .loras.merge import LoraMerger
 from .pictures.colour import UNTAGGED, ColourSpace
 from .pictures.metadata import OutputMetadata
@@ -18,6 +19,11 @@ from .safety import SafetyChecker
 from .sizing import WORKING_AREA, aspect_distortion, working_size
 
 log = logging.getLogger(__name__)
+
+NON_FINITE = (
+    "the edit produced NaN or infinite values, so no picture is returned (a LoRA at a high scale, or a value beyond"
+    " the GPU's 16-bit range); try a lower lora_scale, another seed, or no LoRA"
+)
 
 MAX_ASPECT_DISTORTION = 0.1
 """Grid rounding changes the aspect by a few percent; beyond this the working picture is visibly stretched."""
@@ -200,9 +206,12 @@ class DifferentialDiffusionPipeline:
         return posterior.mode().float() * self.vae.config.scaling_factor
 
     def _decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE-decode in the model dtype (no fp32 upcast) to 0-255 float pixels."""
-        decoded = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample
-        return ((decoded.float() + 1.0) * 127.5).clamp(0.0, 255.0)
+        """VAE-decode in the model dtype (no fp32 upcast) to 0-255 float pixels; a non-finite value anywhere (a LoRA
+        at a high scale, an overflow in 16-bit arithmetic) fails the edit here, before it can reach a picture."""
+        decoded = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.dtype)).sample.float()
+        if not bool(torch.isfinite(decoded).all()):  # the edit's one host sync besides reading the pictures back
+            raise NumericError(NON_FINITE)
+        return ((decoded + 1.0) * 127.5).clamp(0.0, 255.0)
 
     def _noise_predictor(
         self,
@@ -268,5 +277,6 @@ class DifferentialDiffusionPipeline:
         height, width = image.shape[-2:]
         generated = resize_pixels(generated, height, width)
         alpha = maps.resize_map(maps.composite_alpha(work_map), height, width)
-        blended = torch.lerp(image, generated, alpha).round().to(torch.uint8)
+        # Kept pixels are the input's by selection: no arithmetic on them, so nothing computed can reach them.
+        blended = torch.where(alpha > 0, torch.lerp(image, generated, alpha), image).round().to(torch.uint8)
         return [picture.permute(1, 2, 0).cpu().numpy() for picture in blended]

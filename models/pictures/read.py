@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pillow_heif
-from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageCms, ImageOps
 
 from ..errors import InputError
 from ..limits import MAX_INPUT_BYTES, MAX_INPUT_PIXELS
@@ -76,7 +76,7 @@ def _open_header(path: Path, name: str) -> Image.Image:
             picture = Image.open(path, formats=READABLE_FORMATS)
     except Image.DecompressionBombError:
         raise InputError(f"{name}: larger than {MAX_INPUT_PIXELS:,} pixels") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, RuntimeError):
+    except Exception:  # UnidentifiedImageError, or any error of a plugin reading a hostile header
         raise InputError(f"{name}: not a readable picture; allowed: {READABLE_NAMES}") from None
     width, height = picture.size
     if picture.format in ("HEIF", "AVIF"):
@@ -93,23 +93,28 @@ def picture_size(path: Path, name: str = "image") -> tuple[int, int]:
         width, height = picture.size
         try:
             orientation = picture.getexif().get(ExifTags.Base.Orientation)
-        except (OSError, SyntaxError, ValueError, EOFError):
+        except Exception:
             orientation = None  # a broken EXIF block is reported when the picture is decoded
     return (height, width) if orientation in ROTATED_ORIENTATIONS else (width, height)
 
 
 def _open(path: Path, name: str) -> _Decoded:
-    """Open and decode the first frame, upright; bombs are refused from the header before any large allocation."""
+    """Open and decode the first frame, upright; bombs are refused from the header before any large allocation.
+
+    Any error a decoder raises on the file's bytes (Pillow's plugins raise many kinds: TypeError for a TIFF page
+    without a size, struct.error, KeyError...) means the file is corrupt, and says so naming the input.
+    """
     with _open_header(path, name) as picture:
-        if getattr(picture, "n_frames", 1) > 1:
-            log.warning("%s: animated or multi-page file, using its first frame", name)
         try:
+            if getattr(picture, "is_animated", False):  # looks at the second frame only, never walks them all
+                log.warning("%s: animated or multi-page file, using its first frame", name)
+            picture.seek(0)
             picture.load()
             exif = picture.getexif()  # before turning the picture upright, which drops what a TIFF's EXIF holds
             upright = ImageOps.exif_transpose(picture)
         except Image.DecompressionBombError:
             raise InputError(f"{name}: larger than {MAX_INPUT_PIXELS:,} pixels") from None
-        except (OSError, SyntaxError, ValueError, EOFError, RuntimeError):
+        except Exception:
             raise InputError(f"{name}: the file is truncated or corrupt") from None
         return _Decoded(upright, detached_exif(exif, name), picture.format)
 

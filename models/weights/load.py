@@ -155,10 +155,11 @@ def fuse_flash_lora(unet: torch.nn.Module, folder: Path, manifest: Manifest, dty
         return 0.0
     started = time.perf_counter()
     try:
-        updates = read_lora(folder / manifest.lora["file"], {"unet": unet})
+        targets = Targets.of({"unet": unet})
+        updates = read_lora(folder / manifest.lora["file"], targets)
     except LoraError as error:
         raise WeightsError(f"{manifest.lora['file']} in {folder.resolve()}: {error}") from None
-    fuse(Targets.of({"unet": unet}), updates, float(manifest.lora["scale"]), dtype)
+    fuse(targets, updates, float(manifest.lora["scale"]), dtype)
     seconds = time.perf_counter() - started
     log.info("fused %s (%d layers) in %.2fs", manifest.lora["file"], len(updates), seconds)
     return seconds

@@ -12,11 +12,36 @@ from PIL import Image
 
 from models import maps, sampler
 from models import pipeline as pipeline_module
+from models.errors import NumericError
 from models.pictures.write import encode_image
 from models.sizing import working_size
 from models.tooling.pictures import photo
 from models.weights.load import load_pipeline, select_device
 from tests.support.editing import changed_amount, edit, half_map
+
+
+def test_kept_pixels_are_selected_so_nan_cannot_reach_them(pipeline):
+    """The composite takes kept pixels from the input by selection: a generated picture of NaN leaves them exact."""
+    image = torch.tensor(photo(64, 48), dtype=torch.float32).permute(2, 0, 1)[None]
+    work_map = torch.zeros(48, 64)
+    work_map[:, 40:] = 1.0
+    [composite] = pipeline._composite(image, torch.full_like(image, float("nan")), work_map)
+    keep_until = 40 - 2 * maps.FEATHER_PX - 1
+    assert np.array_equal(composite[:, :keep_until], photo(64, 48)[:, :keep_until])
+
+
+def test_a_non_finite_value_in_an_edit_fails_it_in_one_line_and_returns_nothing(pipeline, monkeypatch):
+    """Any cause (here the UNet itself): the decode's check stops the edit before a picture is made."""
+    real_forward = pipeline.unet.forward
+
+    def overflowing(*args, **kwargs):
+        output = real_forward(*args, **kwargs)
+        output[0].fill_(float("inf"))
+        return output
+
+    monkeypatch.setattr(pipeline.unet, "forward", overflowing)
+    with pytest.raises(NumericError, match=r"^the edit produced NaN or infinite values, so no picture is returned"):
+        edit(pipeline, photo(64, 48), half_map(48, 64), seed=1)
 
 
 def test_black_keeps_exactly_and_white_changes(pipeline):

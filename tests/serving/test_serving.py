@@ -645,6 +645,23 @@ def test_memory_estimate_follows_the_working_area():
     assert quarter < 0.3 * one_megapixel
 
 
+def test_the_memory_check_counts_the_map_it_decodes(monkeypatch):
+    """A 7000x7000 map beside a 256x256 image (measured: ~1.2 GiB to decode and fit) is counted, on any device."""
+    small = memory.estimate_peak_bytes(sdxl_sized(torch.float32), 1, 256, 256)
+    with_map = memory.estimate_peak_bytes(sdxl_sized(torch.float32), 1, 256, 256, map_pixels=7000 * 7000)
+    assert with_map - small >= 7000 * 7000 * 24
+    refused = r"^num_outputs: .*send a smaller image \(or map\)$"
+    monkeypatch.setattr(memory, "available_bytes", lambda: int(small / memory.MEMORY_HEADROOM) + 1)
+    memory.check_fits(sdxl_sized(torch.float32), 1, 256, 256)
+    with pytest.raises(NotEnoughMemoryError, match=refused):
+        memory.check_fits(sdxl_sized(torch.float32), 1, 256, 256, map_pixels=7000 * 7000)
+    on_gpu = SimpleNamespace(**{**vars(sdxl_sized(torch.float32)), "device": torch.device("cuda")})
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**30)  # host memory: the GPU's is checked as it is used
+    memory.check_fits(on_gpu, 1, 256, 256)
+    with pytest.raises(NotEnoughMemoryError, match=refused):
+        memory.check_fits(on_gpu, 1, 256, 256, map_pixels=7000 * 7000)
+
+
 def test_available_memory_is_capped_by_the_container_limit(tmp_path, monkeypatch):
     (tmp_path / "memory.max").write_text(f"{8 * 2**30}\n")
     (tmp_path / "memory.current").write_text(f"{6 * 2**30}\n")
