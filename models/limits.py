@@ -29,15 +29,26 @@ MAX_LORA_BYTES = 2 * 1024**3
 """Largest LoRA file (or Replicate training .tar) fetched, in bytes: SDXL LoRAs reach ~1.7 GB at high rank."""
 
 MAX_LORA_HEADER_BYTES = 8 * 1024**2
-"""Largest JSON header of a LoRA file: a LyCORIS LoKr on every SDXL layer, text encoders included, lists about 17,000
-tensors in about 3 MB. The safetensors format allows 100 MB, which would be read whole before a name is looked at."""
+"""Largest JSON header of a LoRA file: the largest layouts on every SDXL layer, text encoders included, list 3,456
+tensors in 0.5 MB (ComfyUI's extraction with full differences) and 5,315 in 0.7 MB (a LyCORIS LoKr with DoRA; counted
+by tests/loras/test_names.py's writers). The safetensors format allows 100 MB, which would be read whole before a
+name is looked at."""
 
 MAX_LORA_TENSORS = 30_000
-"""Most tensors a LoRA file may list: SDXL has about 2,900 layers a LoRA can adapt, and no layout stores more than
-about six tensors a layer."""
+"""Most tensors a LoRA file may list: SDXL has 1,063 linear, convolution and embedding layers a LoRA can adapt and
+1,330 norm weights and biases a full difference can change, and no layout stores more than six tensors a layer."""
 
 MAX_LORA_ALPHA = 1e6
 """Largest alpha (or lora_alpha) a file may state; SimpleTuner's LoKr preset stores 10,000."""
+
+MAX_NEW_TOKENS = 64
+"""Most new tokens a LoRA may bring: Replicate's SDXL trainings bring two, and each takes a place of the prompt's 77."""
+
+MAX_TRAINING_EMBEDDINGS_BYTES = 64 * 1024**2
+"""Largest embeddings.pti read from a training .tar: its tokens are a few rows of 768 + 1280 floats, kilobytes."""
+
+MAX_TRAINING_WORDS_BYTES = 64 * 1024
+"""Largest special_params.json read from a training .tar: a few words and their tokens."""
 
 MAX_LORA_DOWNLOAD_S = 900.0
 """Default seconds a LoRA download may take in all ($LORA_DOWNLOAD_TIMEOUT): 2 GiB at 2.4 MB/s."""

@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipel
 from . import maps, sampler
 from .errors import NumericError
 from .loras.merge import LoraMerger
+from .loras.tokens import TokenEmbeddings
 from .pictures.colour import UNTAGGED, ColourSpace
 from .pictures.metadata import OutputMetadata
 from .safety import SafetyChecker
@@ -111,6 +112,8 @@ class DifferentialDiffusionPipeline:
         self.loras = LoraMerger(
             {"unet": sdxl.unet, "text_encoder": sdxl.text_encoder, "text_encoder_2": sdxl.text_encoder_2}
         )
+        self.tokens = TokenEmbeddings(sdxl)
+        """The new tokens of the LoRAs in use; their words in a prompt are replaced by the tokens."""
         self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def offload(self) -> None:
@@ -225,11 +228,11 @@ class DifferentialDiffusionPipeline:
         """Encode the prompt once and return the UNet call (with guidance only when scale > 1)."""
         guided = request.guidance_scale > 1.0
         prompt_embeds, negative_embeds, pooled, negative_pooled = self.sdxl.encode_prompt(
-            prompt=request.prompt,
+            prompt=self.tokens.rewrite(request.prompt),
             device=self.device,
             num_images_per_prompt=request.num_outputs,
             do_classifier_free_guidance=guided,
-            negative_prompt=request.negative_prompt or None,
+            negative_prompt=self.tokens.rewrite(request.negative_prompt) or None,
         )
         time_ids = torch.tensor(
             [[work_height, work_width, 0, 0, work_height, work_width]], device=self.device, dtype=self.dtype

@@ -18,6 +18,9 @@ from .messages import human_size
 
 log = logging.getLogger(__name__)
 
+TOKENS_SUFFIX = ".tokens"
+"""A training's new tokens are kept beside its LoRA as <key>.tokens (models/loras/tokens.py writes and reads it)."""
+
 STALE_TEMPORARY_S = 3600
 """Age after which a *.tmp file in the cache is the leftover of a crashed download and is removed."""
 
@@ -36,9 +39,10 @@ def cache_key(text: str) -> str:
 
 
 class LoraCache:
-    """Fetched LoRAs on disk, `<key>.safetensors` each with a `<key>.json` note for people, least recently used
-    evicted first. An entry appears only by os.replace of a complete, checked file, so a crash leaves no
-    complete-looking entry, only a *.tmp file that a later fetch removes."""
+    """Fetched LoRAs on disk, `<key>.safetensors` each with a `<key>.json` note for people (and a `<key>.tokens`
+    file for a training that brings new tokens), least recently used evicted first. An entry appears only by
+    os.replace of a complete, checked file, so a crash leaves no complete-looking entry, only a *.tmp file that a
+    later fetch removes."""
 
     def __init__(
         self, folder: Path | None = None, max_bytes: int | None = None, min_free_bytes: int | None = None
@@ -77,9 +81,23 @@ class LoraCache:
         finally:
             path.unlink(missing_ok=True)
 
-    def add(self, key: str, file: Path, description: str, in_use: Collection[Path] = ()) -> Path:
-        """Move a checked file into place as the key's entry, then evict what the limits require."""
+    def tokens(self, entry: Path) -> Path | None:
+        """The `.tokens` file of a cache entry; None for a file outside the cache or an entry without tokens."""
+        if entry.resolve().parent != self.folder.resolve():
+            return None
+        path = entry.with_suffix(TOKENS_SUFFIX)
+        return path if path.is_file() else None
+
+    def add(
+        self, key: str, file: Path, description: str, in_use: Collection[Path] = (), tokens: Path | None = None
+    ) -> Path:
+        """Move a checked file (and its tokens, when it brings some) into place as the key's entry, then evict what
+        the limits require. The tokens go first, so an entry never appears without them."""
         path = self.entry(key)
+        if tokens is not None:
+            os.replace(tokens, path.with_suffix(TOKENS_SUFFIX))
+        else:
+            path.with_suffix(TOKENS_SUFFIX).unlink(missing_ok=True)
         os.replace(file, path)
         note = {"source": description, "bytes": path.stat().st_size, "fetched_at": datetime.now(UTC).isoformat()}
         with self.temporary() as partial:
@@ -92,6 +110,7 @@ class LoraCache:
     def remove(self, path: Path) -> None:
         path.unlink(missing_ok=True)
         path.with_suffix(".json").unlink(missing_ok=True)
+        path.with_suffix(TOKENS_SUFFIX).unlink(missing_ok=True)
 
     def entries(self) -> list[tuple[Path, os.stat_result]]:
         """Every entry with its stat, least recently used first."""
@@ -133,12 +152,12 @@ class LoraCache:
             )
 
     def remove_leftovers(self) -> None:
-        """*.tmp files older than STALE_TEMPORARY_S (crashed downloads) and notes whose entry is gone."""
+        """*.tmp files older than STALE_TEMPORARY_S (crashed downloads), and notes and tokens whose entry is gone."""
         now = time.time()
         for path in self.folder.glob("*.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 if now - path.stat().st_mtime > STALE_TEMPORARY_S:
                     path.unlink()
-        for note in self.folder.glob("*.json"):
-            if not note.with_suffix(".safetensors").exists():
-                note.unlink(missing_ok=True)
+        for companion in [*self.folder.glob("*.json"), *self.folder.glob(f"*{TOKENS_SUFFIX}")]:
+            if not companion.with_suffix(".safetensors").exists():
+                companion.unlink(missing_ok=True)

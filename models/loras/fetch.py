@@ -9,6 +9,7 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
+from ..errors import InputError
 from .cache import LoraCache, cache_key
 from .client import (
     CIVITAI_TOKEN_INPUT,
@@ -19,9 +20,11 @@ from .client import (
     download_hugging_face,
     download_url,
 )
-from .files import FileKind, extract_training_lora, file_kind, require_safetensors
+from .files import FileKind, extract_training, file_kind, require_safetensors
+from .header import LoraError
 from .messages import human_size
 from .sources import HuggingFaceSource, LocalFile, UrlSource, decode_data_uri, parse_source
+from .tokens import training_token_sets, write_tokens_file
 
 log = logging.getLogger(__name__)
 
@@ -79,11 +82,17 @@ def add_lora(name: str, file: Path, key: str, description: str, cache: LoraCache
 def add_training_lora(
     name: str, archive: Path, key: str, description: str, cache: LoraCache, in_use: Collection[Path]
 ) -> Path:
-    """Cache the LoRA member of a training .tar (the archive itself is left where it is)."""
-    with cache.temporary() as member:
-        extract_training_lora(name, archive, member)
-        require_safetensors(name, member)
-        return cache.add(key, member, description, in_use)
+    """Cache the LoRA of a training .tar, and its new tokens beside it as a `.tokens` file (the archive itself is
+    left where it is)."""
+    with cache.temporary() as lora, cache.temporary() as embeddings, cache.temporary() as tokens:
+        extracted = extract_training(name, archive, lora, embeddings)
+        require_safetensors(name, lora)
+        if extracted is not None:
+            try:
+                write_tokens_file(tokens, training_token_sets(extracted.embeddings, extracted.special_params))
+            except LoraError as error:
+                raise InputError(f"{name}: {error}") from None
+        return cache.add(key, lora, description, in_use, tokens=tokens if extracted is not None else None)
 
 
 def local_lora(name: str, source: LocalFile, cache: LoraCache, in_use: Collection[Path]) -> Path:

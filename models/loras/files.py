@@ -1,4 +1,4 @@
-"""What a fetched file is, judged by its bytes alone, and the LoRA member of a Replicate training's .tar."""
+"""What a fetched file is, judged by its bytes alone, and the members of a Replicate training's .tar."""
 
 import enum
 import json
@@ -6,6 +6,7 @@ import logging
 import shutil
 import struct
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .. import limits
@@ -20,7 +21,8 @@ MAX_SAFETENSORS_HEADER_BYTES = 100_000_000
 """Largest JSON header a safetensors file may declare (the format's own limit)."""
 
 TRAINING_LORA_NAME = "lora.safetensors"
-EMBEDDING_SUFFIXES = (".pti", ".pt")
+TRAINING_EMBEDDINGS_NAME = "embeddings.pti"
+TRAINING_WORDS_NAME = "special_params.json"
 
 PICKLE_REFUSAL = (
     "this is a PyTorch pickle/checkpoint file, not safetensors; only .safetensors LoRAs are loaded (pickles can run"
@@ -122,44 +124,80 @@ def require_safetensors(name: str, path: Path) -> None:
     raise InputError(f"{name}: {NOT_A_LORA}")
 
 
-def training_lora_member(name: str, members: list[tarfile.TarInfo]) -> tarfile.TarInfo:
-    """The LoRA of a Replicate training: lora.safetensors, else the only .safetensors file; embeddings (pickles)
-    are ignored with a warning. Only regular files count: links, devices and folders are skipped."""
+@dataclass(frozen=True)
+class TrainingMembers:
+    """What is used of a Replicate training's .tar: its LoRA and, when present, its new tokens."""
+
+    lora: tarfile.TarInfo
+    embeddings: tarfile.TarInfo | None = None
+    special_params: tarfile.TarInfo | None = None
+
+
+def training_members(name: str, members: list[tarfile.TarInfo]) -> TrainingMembers:
+    """The members of a Replicate training that are read: lora.safetensors (else the only .safetensors file),
+    embeddings.pti and special_params.json. Only regular files count: links, devices and folders are skipped."""
     files = [member for member in members if member.isfile()]
-    for member in files:
-        if member.name.lower().endswith(EMBEDDING_SUFFIXES):
-            log.warning(
-                "%s: ignoring %s in the .tar: textual-inversion embeddings are pickles and are not loaded",
-                name,
-                one_line(member.name),
-            )
     candidates = [member for member in files if member.name.lower().endswith(".safetensors")]
     named = [member for member in candidates if PurePosixPath(member.name).name == TRAINING_LORA_NAME]
     chosen = named or candidates
-    if len(chosen) == 1:
-        return chosen[0]
     if not chosen:
         raise InputError(f"{name}: the .tar has no .safetensors file, so it is not a Replicate LoRA training")
-    raise InputError(
-        f"{name}: the .tar has several .safetensors files and no single {TRAINING_LORA_NAME}"
-        f" ({listed([member.name for member in chosen])}); give the URL of one .safetensors file"
-    )
+    if len(chosen) > 1:
+        raise InputError(
+            f"{name}: the .tar has several .safetensors files and no single {TRAINING_LORA_NAME}"
+            f" ({listed([member.name for member in chosen])}); give the URL of one .safetensors file"
+        )
+
+    def single(file_name: str) -> tarfile.TarInfo | None:
+        found = [member for member in files if PurePosixPath(member.name).name == file_name]
+        return found[0] if len(found) == 1 else None
+
+    return TrainingMembers(chosen[0], single(TRAINING_EMBEDDINGS_NAME), single(TRAINING_WORDS_NAME))
 
 
-def extract_training_lora(name: str, archive: Path, target: Path) -> None:
-    """Copy the LoRA member of a training .tar into target, a file of our choosing (never a path from the archive;
-    nothing else is extracted)."""
+@dataclass(frozen=True)
+class TrainingTokens:
+    """A training's new tokens as extracted: its embeddings file (safetensors by content) and its words' JSON."""
+
+    embeddings: Path
+    special_params: bytes | None
+
+
+def extract_training(name: str, archive: Path, lora: Path, embeddings: Path) -> TrainingTokens | None:
+    """Copy a training .tar's LoRA into `lora` and its embeddings into `embeddings`, files of our choosing (never a
+    path from the archive; nothing else is extracted). Returns its tokens, or None when it has none; an embeddings
+    file that is a pickle is left out with a warning (pickles can run code)."""
     try:
         with tarfile.open(archive, "r:") as tar:
-            member = training_lora_member(name, tar.getmembers())
-            if member.size > limits.MAX_LORA_BYTES:
-                raise too_large(name, member.size)
-            source = tar.extractfile(member)
-            if source is None:
-                raise tarfile.ReadError(f"cannot read {member.name}")
-            with source, target.open("wb") as out:
-                shutil.copyfileobj(source, out, CHUNK_BYTES)
+            members = training_members(name, tar.getmembers())
+            copy_member(name, tar, members.lora, lora, limits.MAX_LORA_BYTES)
+            if members.embeddings is None:
+                return None
+            copy_member(name, tar, members.embeddings, embeddings, limits.MAX_TRAINING_EMBEDDINGS_BYTES)
+            if file_kind(embeddings) is not FileKind.SAFETENSORS:
+                log.warning(
+                    "%s: ignoring %s in the .tar: it is not safetensors, and pickles are not loaded; the LoRA is used"
+                    " without its trained tokens",
+                    name,
+                    one_line(members.embeddings.name),
+                )
+                return None
+            words = None
+            if members.special_params is not None and members.special_params.size <= limits.MAX_TRAINING_WORDS_BYTES:
+                source = tar.extractfile(members.special_params)
+                words = source.read(limits.MAX_TRAINING_WORDS_BYTES + 1) if source is not None else None
+            return TrainingTokens(embeddings, words)
     except (tarfile.TarError, EOFError) as error:
         raise InputError(
             f"{name}: the .tar is damaged or compressed ({one_line(str(error), 100)}); give a training's plain .tar"
         ) from None
+
+
+def copy_member(name: str, tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path, limit: int) -> None:
+    if member.size > limit:
+        raise too_large(name, member.size)
+    source = tar.extractfile(member)
+    if source is None:
+        raise tarfile.ReadError(f"cannot read {member.name}")
+    with source, target.open("wb") as out:
+        shutil.copyfileobj(source, out, CHUNK_BYTES)

@@ -1,4 +1,5 @@
-"""A request's LoRAs: fetched (or taken from the cache), read, and merged into the pipeline's weights.
+"""A request's LoRAs: fetched (or taken from the cache), read, and merged into the pipeline's weights, with the new
+tokens they were trained with added to its tokenizers and text encoders.
 
 Merged rather than run beside each layer: the cost is paid once per change of LoRAs or scales, never per step, and
 a request that repeats the previous request's LoRAs and scales pays nothing but a cache lookup. Beside the layers,
@@ -8,6 +9,7 @@ every denoising step would run two extra small matmuls per adapted layer (docs/L
 import logging
 import time
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,12 +20,12 @@ from ..inputs import LoraOptions
 from ..pipeline import DifferentialDiffusionPipeline
 from .cache import LoraCache
 from .fetch import fetch_lora
+from .formats import LoraContents
 from .header import LoraError
-from .updates import LayerUpdate
+from .summary import COMPONENT_NAMES, KIND_NAMES
+from .tokens import read_tokens_file
 
 log = logging.getLogger(__name__)
-
-COMPONENT_NAMES = {"unet": "UNet", "text_encoder": "text encoder 1", "text_encoder_2": "text encoder 2"}
 
 
 def file_identity(path: Path, cache: LoraCache) -> tuple:
@@ -34,13 +36,15 @@ def file_identity(path: Path, cache: LoraCache) -> tuple:
     return identity if path.resolve().parent == cache.folder.resolve() else (*identity, stat.st_mtime_ns)
 
 
-def describe(name: str, updates: list[LayerUpdate], scale: float) -> str:
+def describe(name: str, contents: LoraContents, scale: float) -> str:
+    updates = contents.updates
     components = Counter(COMPONENT_NAMES[update.component] for update in updates)
-    kinds = Counter({"lora": "LoRA", "loha": "LoHa", "lokr": "LoKr"}[update.kind] for update in updates)
+    kinds = Counter(KIND_NAMES[update.kind] for update in updates)
     dora = " with DoRA" if any(update.magnitude is not None for update in updates) else ""
+    tokens = "".join(f"; trained tokens {entry.trigger!r} -> {''.join(entry.tokens)}" for entry in contents.token_sets)
     return (
-        f"{name}: {len(updates)} layers ({', '.join(f'{part} {count}' for part, count in components.items())}),"
-        f" {'/'.join(kinds)}{dora}, scale {scale:g}"
+        f"{name}: {len(updates)} parameters ({', '.join(f'{part} {count}' for part, count in components.items())}),"
+        f" {'/'.join(kinds)}{dora}, scale {scale:g}{tokens}"
     )
 
 
@@ -93,24 +97,31 @@ def use_loras(
         if path is not None and request.scale != 0:
             fetched.append((request.name, path, request.scale))
     key = tuple((file_identity(path, cache), scale) for _, path, scale in fetched)
-    if key == pipeline.loras.applied:
+    if key == pipeline.loras.applied and key == pipeline.tokens.applied:
         if key:
             log.info("LoRAs as in the previous request: nothing to merge")
         return time.perf_counter() - started
-    loras = []
+    loras, token_sets = [], []
     for name, path, scale in fetched:
         try:
-            updates = pipeline.loras.read(path)
+            contents = pipeline.loras.read(path)
+            contents = replace(contents, token_sets=contents.token_sets + read_tokens_file(cache.tokens(path)))
         except LoraError as error:
             raise InputError(f"{name}: {error}") from None
-        log.info("%s", describe(name, updates, scale))
-        loras.append((updates, scale))
+        log.info("%s", describe(name, contents, scale))
+        loras.append((contents.updates, scale))
+        token_sets += contents.token_sets
     if loras:
         place_copies(pipeline, fetched[0][0], pipeline.loras.copy_bytes(loras), reserve_bytes)
     try:
         pipeline.loras.apply(key, loras)
-    except LoraError as error:
-        raise InputError(f"{' and '.join(name for name, _, _ in fetched)}: {error}") from None
+        pipeline.tokens.apply(key, token_sets)
+    except BaseException as error:
+        pipeline.loras.restore()
+        pipeline.tokens.restore()
+        if isinstance(error, LoraError):
+            raise InputError(f"{' and '.join(name for name, _, _ in fetched)}: {error}") from None
+        raise
     seconds = time.perf_counter() - started
     if loras:
         copies = pipeline.loras.copied_bytes() / 2**20

@@ -1,4 +1,4 @@
-"""One module's update from a LoRA file, whatever its layout, and the arithmetic that adds it to a weight."""
+"""One parameter's update from a LoRA file, whatever its layout, and the arithmetic that adds it to the parameter."""
 
 from __future__ import annotations
 
@@ -8,13 +8,23 @@ from dataclasses import dataclass
 
 import torch
 
+from .header import LoraError
+
+
+def finite(key: str, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor of the file, refused when it holds NaN or infinity (one would spread through every picture)."""
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise LoraError(f"{key} holds NaN or infinite values, so the file is damaged")
+    return tensor
+
 
 @dataclass(frozen=True)
 class LayerUpdate:
-    """One module's update from one file: a low-rank (LoRA), Hadamard (LoHa) or Kronecker (LoKr) product.
+    """One parameter's update from one file: a low-rank (LoRA), Hadamard (LoHa) or Kronecker (LoKr) product, or a
+    full difference (ComfyUI's LoraSave writes them for norm weights and biases).
 
-    `delta()` is the file's full-strength weight difference, alpha / rank included; `magnitude` makes it a DoRA
-    update (the merged weight's norm is set to it, along the axis its shape names).
+    `delta()` is the file's full-strength difference, alpha / rank included; `magnitude` makes it a DoRA update (the
+    merged weight's norm is set to it, along the axis its shape names).
     """
 
     component: str
@@ -24,9 +34,14 @@ class LayerUpdate:
     alpha: float | None = None
     magnitude: torch.Tensor | None = None
     rank_stabilised: bool = False
+    parameter: str = "weight"
+    """The module's parameter it changes: "weight", or "bias" (full differences only)."""
 
     @property
     def rank(self) -> int:
+        """The update's rank; 0 for a full difference or a LoKr with neither factor decomposed."""
+        if self.kind == "diff":
+            return 0
         if self.kind == "lora":
             return self.tensors["down"].shape[0]
         if self.kind == "loha":
@@ -38,7 +53,8 @@ class LayerUpdate:
     def scaling(self) -> float:
         """alpha / rank (alpha / sqrt(rank) for rsLoRA); no alpha means 1, as every trainer assumes.
 
-        A LoKr with neither factor decomposed has no rank, and its alpha is ignored, as LyCORIS does.
+        A LoKr with neither factor decomposed and a full difference have no rank, and their alpha is ignored, as
+        LyCORIS and ComfyUI do.
         """
         if self.alpha is None or self.rank == 0:
             return 1.0
@@ -47,18 +63,46 @@ class LayerUpdate:
     def delta(self, shape: torch.Size, device: torch.device) -> torch.Tensor:
         """The weight difference at strength 1, in float32, shaped like the weight."""
         t = {name: tensor.to(device, torch.float32) for name, tensor in self.tensors.items()}
+        if self.kind == "diff":
+            return t["diff"].reshape(shape)
         if self.kind == "lora":
             product = t["up"].flatten(1) @ t["down"].flatten(1)
-        elif self.kind == "loha":
-            product = (t["w1_a"] @ t["w1_b"].flatten(1)) * (t["w2_a"] @ t["w2_b"].flatten(1))
+        elif self.kind == "loha":  # OneTrainer keeps a conv's factors 4-D, LyCORIS flattens them
+            product = (t["w1_a"].flatten(1) @ t["w1_b"].flatten(1)) * (t["w2_a"].flatten(1) @ t["w2_b"].flatten(1))
         else:
             first = t["w1"] if "w1" in t else t["w1_a"] @ t["w1_b"]
             second = t["w2"] if "w2" in t else t["w2_a"] @ t["w2_b"].flatten(1)
             product = torch.kron(first, second.flatten(1))
         return product.reshape(shape) * self.scaling
 
-    def product_shape(self) -> tuple[int, int]:
-        """(rows, columns) of the update as a matrix: (out features, in features x kernel taps) when it fits."""
+    def fits(self, shape: torch.Size) -> bool:
+        """Whether the update has the parameter's shape: a full difference exactly, a product as (out features,
+        in features x kernel taps), a DoRA magnitude one value per output or per input channel."""
+        if self.kind == "diff":
+            return tuple(self.tensors["diff"].shape) == tuple(shape)
+        if len(shape) < 2 or self._product_shape() != (shape[0], math.prod(shape[1:])):
+            return False
+        return self.magnitude is None or self.magnitude_axis(shape) is not None
+
+    def magnitude_axis(self, shape: torch.Size) -> int | None:
+        """The axis DoRA's magnitude is per: 0 for output channels ([out] in peft, [out, 1] in LyCORIS since April
+        2025), 1 for input channels ([1, in]: older LyCORIS, OneTrainer); None when it is neither. Told apart by
+        shape, not size, so that a square layer is read as its writer meant."""
+        magnitude = self.magnitude
+        if magnitude.dim() >= 2 and magnitude.shape[0] == 1 and magnitude.numel() == shape[1]:
+            return 1
+        return 0 if magnitude.numel() == shape[0] else None
+
+    def describe_misfit(self, shape: torch.Size) -> str:
+        """How the update and the parameter differ, in words, for a refusal."""
+        if self.kind == "diff":
+            return f"changes a {self.parameter} of shape {tuple(self.tensors['diff'].shape)}, SDXL's is {tuple(shape)}"
+        rows, columns = self._product_shape()
+        if (rows, columns) == (shape[0], math.prod(shape[1:])):
+            return f"has a DoRA magnitude of shape {tuple(self.magnitude.shape)} for a weight of shape {tuple(shape)}"
+        return f"maps {columns} to {rows} features, SDXL's maps {math.prod(shape[1:])} to {shape[0]}"
+
+    def _product_shape(self) -> tuple[int, int]:
         t = self.tensors
         if self.kind == "lora":
             return t["up"].shape[0], t["down"].flatten(1).shape[1]
@@ -87,9 +131,9 @@ def add_update(merged: torch.Tensor, update: LayerUpdate, strength: float) -> No
         return
     decomposed = merged + delta
     magnitude = update.magnitude.to(merged.device, torch.float32)
-    if magnitude.numel() == merged.shape[0]:  # per output channel: peft, and LyCORIS's wd_on_output
+    if update.magnitude_axis(merged.shape) == 0:
         norm = decomposed.flatten(1).norm(dim=1).reshape(-1, *[1] * (merged.dim() - 1))
-    else:  # per input channel: older LyCORIS and kohya DoRA files
+    else:
         norm = decomposed.transpose(0, 1).flatten(1).norm(dim=1).reshape(1, -1, *[1] * (merged.dim() - 2))
     decomposed *= magnitude.reshape(norm.shape) / (norm + torch.finfo(torch.float32).eps)
     merged.lerp_(decomposed, strength)

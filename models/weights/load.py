@@ -19,8 +19,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .. import settings
 from ..acceleration import compile_and_warm_up, save_memory, speed_up
 from ..errors import DownloadError, InputError, WeightsError
-from ..loras.formats import LoraError, Targets, read_lora
+from ..loras.formats import LoraError, read_lora
 from ..loras.merge import fuse
+from ..loras.names import Targets
 from ..pipeline import DifferentialDiffusionPipeline
 from ..safety import SafetyChecker
 from .build import build_weights
@@ -156,7 +157,7 @@ def fuse_flash_lora(unet: torch.nn.Module, folder: Path, manifest: Manifest, dty
     started = time.perf_counter()
     try:
         targets = Targets.of({"unet": unet})
-        updates = read_lora(folder / manifest.lora["file"], targets)
+        updates = read_lora(folder / manifest.lora["file"], targets).updates
     except LoraError as error:
         raise WeightsError(f"{manifest.lora['file']} in {folder.resolve()}: {error}") from None
     fuse(targets, updates, float(manifest.lora["scale"]), dtype)

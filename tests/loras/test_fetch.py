@@ -3,7 +3,6 @@ whole fetches from loopback HTTP(S) servers in threads,
 with a fake resolver where a test needs a host name that is not 127.0.0.1 or localhost."""
 
 import base64
-import io
 import json
 import os
 import pickle
@@ -11,7 +10,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import tarfile
 import threading
 import time
 import urllib.parse
@@ -34,6 +32,7 @@ from models.loras.fetch import fetch_lora
 from models.loras.files import NOT_A_LORA, PICKLE_REFUSAL, FileKind, file_kind, require_safetensors
 from models.loras.messages import redact
 from models.loras.sources import DataSource, HuggingFaceSource, LocalFile, UrlSource, parse_source
+from tests.support.loras import tar_of
 
 NAME = "lora_weights"
 HF_TOKEN = "hf_SECRET_TOKEN"
@@ -46,20 +45,6 @@ def lora_bytes(seed: int = 0) -> bytes:
 
 
 LORA = lora_bytes()
-
-
-def tar_bytes(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (symlinks or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    return buffer.getvalue()
 
 
 def data_uri(data: bytes) -> str:
@@ -405,7 +390,7 @@ def samples(tmp_path) -> dict[str, Path]:
         "header_cut": LORA[:20],
         "trailing": LORA + b"\0",
         "bad_json": (8).to_bytes(8, "little") + b"{not js}",
-        "tar": tar_bytes({"lora.safetensors": LORA}),
+        "tar": tar_of({"lora.safetensors": LORA}),
         "pickle": pickle.dumps({"lora_A.weight": [1.0, 2.0]}, protocol=4),
         "html": b"<!DOCTYPE html><html><body>Sign in to download</body></html>",
         "empty": b"",
@@ -478,7 +463,7 @@ def test_data_uri_size_is_checked_before_decoding(cache, monkeypatch):
 
 
 def test_training_tar_uses_lora_safetensors_and_ignores_embeddings(cache, caplog):
-    training = tar_bytes({
+    training = tar_of({
         "embeddings.pti": pickle.dumps({"emb": [0.0]}),
         "lora.safetensors": LORA,
         "special_params.json": b"{}",
@@ -504,7 +489,7 @@ def test_training_tar_uses_lora_safetensors_and_ignores_embeddings(cache, caplog
     ],
 )
 def test_training_tar_member_choice(tmp_path, cache, files, symlinks, outcome):
-    source = data_uri(tar_bytes(files, symlinks))
+    source = data_uri(tar_of(files, symlinks))
     if isinstance(outcome, bytes):
         assert get_lora(source, cache).read_bytes() == outcome
         assert not list(tmp_path.glob("escape*"))

@@ -5,12 +5,12 @@ loaded pipeline."""
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from safetensors.torch import save_file
 
 from models.loras import formats
 from models.loras import updates as layer_updates
-from models.loras.formats import LoraError, Targets, parse_lora, sgm_name, sgm_unet_paths
+from models.loras.formats import LoraError, parse_lora
+from models.loras.names import Targets
 from tests.support.loras import LAYOUTS, TARGETS, lora_file
 from tests.support.unet import run_unet
 
@@ -65,52 +65,6 @@ def test_dora_merges_to_peft_s_weights(models, targets, layout):
     assert_merges_like_peft(merged_by_us(tensors, header, targets), reference)
 
 
-def test_eridiffusion_keys_are_the_trainers_own():
-    """Pinned from CodeAlexx/EriDiffusion (master 8f1309b: train_sdxl's save_weights and save_full; rust-inference
-    e7d8f69: the v1 trainer's LoRACollection::save_weights), for SDXL's block numbering."""
-    sdxl = {
-        "block_out_channels": [320, 640, 1280],
-        "layers_per_block": 2,
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    }
-    blocks = sgm_unet_paths(sdxl)
-    assert sgm_name("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", blocks) == (
-        "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
-    )
-    assert sgm_name("mid_block.attentions.0.transformer_blocks.0.attn1.to_q", blocks) == (
-        "middle_block.1.transformer_blocks.0.attn1.to_q"
-    )
-    assert sgm_name("up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", blocks) == (
-        "output_blocks.0.1.transformer_blocks.0.attn1.to_q"
-    )
-    assert sgm_name("up_blocks.1.upsamplers.0.conv", blocks) == "output_blocks.5.2.conv"
-    assert sgm_name("down_blocks.2.resnets.1.time_emb_proj", blocks) == "input_blocks.8.0.emb_layers.1"
-
-
-def test_sgm_names_are_the_ones_diffusers_converts_single_files_from(models):
-    """Our mapping inverted: the tiny UNet's state dict under SGM names, converted back by diffusers' own
-    single-file converter, gives the same state dict."""
-    unet = models["unet"]
-    blocks = sgm_unet_paths(unet.config)
-    modules = {name for name, module in unet.named_modules() if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)}
-    ldm = {}
-    for key, value in unet.state_dict().items():
-        module, _, parameter = key.rpartition(".")
-        name = sgm_name(module, blocks) if module in modules else None
-        if name is None:  # norms: SGM names them too, but no LoRA targets them
-            name = sgm_name(module, blocks) or module
-        ldm[f"model.diffusion_model.{name}.{parameter}"] = value
-    diffusers_words = (
-        "down_blocks", "up_blocks", "mid_block.", "resnets", "attentions", "samplers", "conv1", "conv2",
-        "time_emb_proj", "conv_shortcut", "embedding.", "conv_in", "conv_out", "conv_norm_out",
-    )  # fmt: skip
-    assert not [key for key in ldm if any(word in key for word in diffusers_words)]
-    converted = convert_ldm_unet_checkpoint(ldm, dict(unet.config))
-    linear_or_conv = {key for key in unet.state_dict() if key.rpartition(".")[0] in modules}
-    assert all(torch.equal(converted[key], unet.state_dict()[key]) for key in linear_or_conv)
-
-
 @pytest.mark.parametrize(
     ("tensors", "message"),
     [
@@ -134,11 +88,14 @@ def test_sgm_names_are_the_ones_diffusers_converts_single_files_from(models):
           "lora_unet_mid_block_resnets_1_conv1.lora_mid.weight": torch.zeros(4, 4, 3, 3),
           "lora_unet_mid_block_resnets_1_conv1.lora_up.weight": torch.zeros(64, 4, 1, 1)}, "Tucker"),
         ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.bias": torch.zeros(32)}, "biases"),
-        ({"lora_unet_mid_block_resnets_1_conv1.diff": torch.zeros(64, 64, 3, 3)}, "full weight differences"),
+        ({"lora_unet_mid_block_resnets_1_conv1.diff": torch.zeros(64, 32, 3, 3)},
+         r"conv1 changes a weight of shape \(64, 32, 3, 3\), SDXL's is \(64, 64, 3, 3\)"),
+        ({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.diff_b": torch.zeros(32)},
+         "attn1.to_q has no bias to change"),
         ({}, "holds no LoRA tensors"),
     ],
     ids=["sd15-te", "sd15-unet", "flux", "flux-kohya", "sd3-diffusers", "sd3-sgm", "unknown", "sd15-shapes",
-         "half-pair", "tucker", "bias", "full-diff", "empty"],
+         "half-pair", "tucker", "bias", "diff-shape", "diff-no-bias", "empty"],
 )  # fmt: skip
 def test_a_lora_that_does_not_fit_sdxl_is_refused_in_one_line(targets, tensors, message):
     with pytest.raises(LoraError, match=message) as refused:
@@ -149,7 +106,7 @@ def test_a_lora_that_does_not_fit_sdxl_is_refused_in_one_line(targets, tensors, 
 def test_one_foreign_key_among_good_ones_refuses_the_whole_file(models, targets):
     tensors, header, _ = lora_file(models, "kohya")
     tensors["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"] = torch.zeros(4, 32)
-    with pytest.raises(LoraError, match=r"an SD 1.x/2.x LoRA: 1 of \d+ of its tensors"):
+    with pytest.raises(LoraError, match=r"an SD 1.x/2.x LoRA: 1 of its \d+ tensors fit no SDXL layer"):
         parse_lora(tensors, header, targets)
 
 
@@ -186,7 +143,7 @@ def test_a_merged_lora_reaches_the_fast_path_and_restores_bit_for_bit(fresh_pipe
     upsampler = unet.get_submodule("up_blocks.0.upsamplers.0")
     kernels_before = upsampler.kernels.clone()
 
-    pipeline.loras.apply(("lora", 1.0), [(pipeline.loras.read(path), 1.0)])
+    pipeline.loras.apply(("lora", 1.0), [(pipeline.loras.read(path).updates, 1.0)])
     after = unet_output(pipeline)
     assert not torch.equal(upsampler.kernels, kernels_before)  # refolded from the merged convolution
     # The weights peft merges, in a stock UNet (unfused attention, stock upsamplers).
@@ -223,11 +180,12 @@ def test_strength_zero_and_two_loras(fresh_pipeline, tmp_path):
     tensors, header, ref_b = lora_file(models, "kohya", seed=2)
     save_file(tensors, second, header)
     before = unet_output(pipeline)
-    pipeline.loras.apply(("a", 0.0), [(pipeline.loras.read(first), 0.0)])
+    pipeline.loras.apply(("a", 0.0), [(pipeline.loras.read(first).updates, 0.0)])
     assert torch.equal(unet_output(pipeline), before)
-    pipeline.loras.apply(("ab",), [(pipeline.loras.read(first), 0.5), (pipeline.loras.read(second), -1.0)])
+    updates_a, updates_b = pipeline.loras.read(first).updates, pipeline.loras.read(second).updates
+    pipeline.loras.apply(("ab",), [(updates_a, 0.5), (updates_b, -1.0)])
     for target in ref_a.merged:
-        original = pipeline.loras.originals[target]
+        original = pipeline.loras.originals[(*target, "weight")].float()
         expected = original + 0.5 * (ref_a.merged[target] - original) - (ref_b.merged[target] - original)
         torch.testing.assert_close(models[target[0]].get_submodule(target[1]).weight, expected, rtol=1e-5, atol=1e-5)
     pipeline.loras.apply((), [])
@@ -244,7 +202,7 @@ def test_a_failure_part_way_leaves_the_reference_weights(fresh_pipeline, tmp_pat
     tensors, header, _ = lora_file(models, "kohya", seed=3)
     path = tmp_path / "lora.safetensors"
     save_file(tensors, path, header)
-    updates = pipeline.loras.read(path)
+    updates = pipeline.loras.read(path).updates
     before = unet_output(pipeline)
     calls = []
 
@@ -272,6 +230,7 @@ def test_a_merge_that_leaves_the_dtype_range_is_refused_and_leaves_the_reference
     merger = LoraMerger({"text_encoder": torch.nn.Sequential(layer)})
     tensors = {"down": torch.full((1, 4), 1000.0), "up": torch.full((4, 1), 1000.0)}
     update = LayerUpdate("text_encoder", "0", "lora", tensors)
-    with pytest.raises(LoraError, match=r"^merged at these scales, text_encoder layer 0 leaves the torch.float16"):
+    message = r"^merged at these scales, text_encoder layer 0's weight leaves the torch.float16"
+    with pytest.raises(LoraError, match=message):
         merger.apply(("x",), [([update], 3.0)])
     assert torch.equal(layer.weight, before) and merger.applied == () and not merger.originals

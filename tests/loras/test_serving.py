@@ -2,8 +2,6 @@
 switched off, the cache, two at once, and bad input answered in one line with the server still serving."""
 
 import base64
-import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from models.tooling.cog_server import (
     wait_until_ready,
 )
 from models.tooling.pictures import photo, png_bytes
-from tests.support.loras import TARGETS, lora_file
+from tests.support.loras import TARGETS, lora_file, trained_tokens, training_tar
 
 pytestmark = pytest.mark.server
 
@@ -75,16 +73,8 @@ def lora_host(tmp_path_factory, tiny_models):
     folder = tmp_path_factory.mktemp("lora-host")
     (folder / "style.safetensors").write_bytes(lora_bytes(tiny_models, "kohya", seed=11))
     (folder / "page.html").write_text("<html>Not Found</html>")
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        for name, content in (
-            ("lora.safetensors", lora_bytes(tiny_models, "peft", seed=12)),
-            ("embeddings.pti", b"\x80\x04"),
-        ):
-            info = tarfile.TarInfo(name)
-            info.size = len(content)
-            tar.addfile(info, io.BytesIO(content))
-    (folder / "trained.tar").write_bytes(archive.getvalue())
+    trained = training_tar(lora_bytes(tiny_models, "peft", seed=12), trained_tokens((32, 32)))
+    (folder / "trained.tar").write_bytes(trained)
     files = CountingFiles(folder)
     with serving_in_thread(files.handler()) as url:
         files.url = url
@@ -159,12 +149,12 @@ def test_two_loras_at_once(server, request_files, tiny_models, lora_host, withou
     assert len({both, alone, without_lora}) == 3
 
 
-def test_a_replicate_training_tar_uses_its_lora_and_ignores_its_embeddings(
+def test_a_replicate_training_tar_brings_its_lora_and_its_trained_tokens(
     server, request_files, lora_host, without_lora
 ):
-    result = edit(server, request_files, lora_weights=f"{lora_host.url}/trained.tar")
+    result = edit(server, request_files, lora_weights=f"{lora_host.url}/trained.tar", prompt="a photo of TOK")
     assert output_bytes(result) != without_lora
-    assert "embeddings.pti" in result["logs"]
+    assert "trained tokens 'TOK' -> <s0><s1>" in result["logs"]
 
 
 @pytest.mark.parametrize(

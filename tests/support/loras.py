@@ -2,15 +2,18 @@
 weights they should give according to peft (an implementation independent of ours)."""
 
 import copy
+import io
 import json
+import tarfile
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from peft import LoHaConfig, LoKrConfig, LoraConfig, inject_adapter_in_model
+from safetensors.torch import save
 
-from models.loras.formats import flat, sgm_name, sgm_unet_paths
+from models.loras.names import flat, sgm_name, sgm_unet_paths
 from tests.support.unet import run_unet
 
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -242,3 +245,37 @@ def run_with_lora_hooks(unet: UNet2DConditionModel, lora: dict, scale: float) ->
     finally:
         for handle in handles:
             handle.remove()
+
+
+def tar_of(files: dict[str, bytes], symlinks: dict[str, str] | None = None) -> bytes:
+    """A plain .tar of the files, as Replicate's trainings ship them, and of symbolic links (name -> target)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (symlinks or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return buffer.getvalue()
+
+
+def trained_tokens(widths: tuple[int, int], count: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A Replicate training's embeddings.pti tensors: `count` new tokens for each text encoder."""
+    generator = torch.Generator().manual_seed(seed)
+    return {f"text_encoders_{index}": torch.randn(count, width, generator=generator) for index, width in
+            enumerate(widths)}  # fmt: skip
+
+
+def training_tar(lora: bytes, embeddings: dict[str, torch.Tensor] | None, words: dict | None = None) -> bytes:
+    """A Replicate SDXL training's .tar: lora.safetensors, embeddings.pti (safetensors) and special_params.json."""
+    files = {"lora.safetensors": lora}
+    if embeddings is not None:
+        files["embeddings.pti"] = save(embeddings)
+        count = next(iter(embeddings.values())).shape[0]
+        files["special_params.json"] = json.dumps(
+            words or {"TOK": "".join(f"<s{index}>" for index in range(count))}
+        ).encode()
+    return tar_of(files)

@@ -217,6 +217,11 @@ def lora_options(plan: Plan) -> dict[str, Any]:
     return {"size": plan.lora_size, "repeats": plan.measure_repeats}
 
 
+def every_layer_options(plan: Plan) -> dict[str, Any]:
+    """A LoRA on every layer and bias a file can change (ComfyUI's extraction): its merge, switch and remove."""
+    return {"layers": "every", "repeats": 1}
+
+
 def repeat_options(plan: Plan) -> dict[str, Any]:
     return {"repeats": plan.measure_repeats}
 
@@ -234,6 +239,7 @@ STAGES = (
     Stage("benchmark", 90, benchmark, describe_benchmark, ("weights",)),
     Stage("compile", 120, compile_stage, describe_compile, ("weights",)),
     Stage("loras", 60, measurement_stage("loras", lora_options), describe_measurement, ("weights",)),
+    Stage("loras-every-layer", 45, measurement_stage("loras", every_layer_options), describe_measurement, ("weights",)),
     Stage("safety-checker", 45, measurement_stage("safety", repeat_options), describe_measurement, ("weights",)),
     Stage("low-memory", 45, measurement_stage("low-memory", eight_gb_card), describe_measurement, ("weights",)),
 )

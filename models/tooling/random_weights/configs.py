@@ -11,6 +11,8 @@ from typing import Any
 
 from transformers import CLIPTokenizer
 
+from ...weights import architecture
+
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
 MODEL_MAX_LENGTH = 77
@@ -112,7 +114,6 @@ def text_encoder_config(size: str, vocab_size: int, *, big: bool) -> dict[str, A
         "pad_token_id": vocab["!"] if big else vocab[EOS_TOKEN],
         "max_position_embeddings": MODEL_MAX_LENGTH,
         "vocab_size": vocab_size,
-        "hidden_act": "gelu" if big else "quick_gelu",
     }
     if size == "tiny":
         return {
@@ -122,77 +123,32 @@ def text_encoder_config(size: str, vocab_size: int, *, big: bool) -> dict[str, A
             "num_hidden_layers": 2,
             "num_attention_heads": 2,
             "projection_dim": 32,
+            "hidden_act": "gelu" if big else "quick_gelu",
         }
-    if big:
-        return {
-            **ids,
-            "hidden_size": 1280,
-            "intermediate_size": 5120,
-            "num_hidden_layers": 32,
-            "num_attention_heads": 20,
-            "projection_dim": 1280,
-        }
-    return {
-        **ids,
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "projection_dim": 768,
-    }
+    return {**ids, **(architecture.CLIP_G if big else architecture.CLIP_L)}
 
 
 def unet_config(size: str, cross_attention_dim: int, text_embeds_dim: int) -> dict[str, Any]:
     """UNet2DConditionModel arguments: SDXL 1.0 base, or a miniature with the same blocks.
 
-    The miniature keeps SDXL's three levels and block types (attention only at the two
-    coarser levels, several transformer layers at the coarsest): at 128x128 latents that
-    runs faster than two levels with attention at 64x64. ``attention_head_dim`` is the
-    number of heads in diffusers' naming (head size 16 in the miniature, 64 in SDXL). The
-    added conditioning takes 6 time ids (original size, crop, target size) plus the pooled
-    text embedding of text_encoder_2.
+    The miniature keeps SDXL's three levels and block types (attention only at the two coarser levels, several
+    transformer layers at the coarsest): at 128x128 latents that runs faster than two levels with attention at 64x64.
+    ``attention_head_dim`` is the number of heads in diffusers' naming (head size 16 here, 64 in SDXL). The added
+    conditioning takes 6 time ids (original size, crop, target size) plus the pooled text embedding of text_encoder_2.
     """
-    common: dict[str, Any] = {
-        "sample_size": 128,
-        "in_channels": 4,
-        "out_channels": 4,
-        "act_fn": "silu",
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "norm_eps": 1e-5,
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "use_linear_projection": True,
-        "upcast_attention": False,
-        "addition_embed_type": "text_time",
-        "cross_attention_dim": cross_attention_dim,
-    }
-    if size == "tiny":
-        time_embed_dim = 8
-        return {
-            **common,
-            "block_out_channels": (32, 32, 64),
-            "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            "layers_per_block": 1,
-            "transformer_layers_per_block": (1, 1, 2),
-            "attention_head_dim": (2, 2, 4),
-            "norm_num_groups": 8,
-            "addition_time_embed_dim": time_embed_dim,
-            "addition_embed_type_num_heads": 4,
-            "projection_class_embeddings_input_dim": 6 * time_embed_dim + text_embeds_dim,
-        }
-    time_embed_dim = 256
+    if size == "full":
+        return dict(architecture.UNET)
+    time_embed_dim = 8
     return {
-        **common,
-        "block_out_channels": (320, 640, 1280),
-        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        "layers_per_block": 2,
-        "transformer_layers_per_block": (1, 2, 10),
-        "attention_head_dim": (5, 10, 20),
-        "norm_num_groups": 32,
+        **architecture.UNET,
+        "cross_attention_dim": cross_attention_dim,
+        "block_out_channels": (32, 32, 64),
+        "layers_per_block": 1,
+        "transformer_layers_per_block": (1, 1, 2),
+        "attention_head_dim": (2, 2, 4),
+        "norm_num_groups": 8,
         "addition_time_embed_dim": time_embed_dim,
-        "addition_embed_type_num_heads": 64,
+        "addition_embed_type_num_heads": 4,
         "projection_class_embeddings_input_dim": 6 * time_embed_dim + text_embeds_dim,
     }
 
@@ -200,24 +156,12 @@ def unet_config(size: str, cross_attention_dim: int, text_embeds_dim: int) -> di
 def vae_config(size: str) -> dict[str, Any]:
     """AutoencoderKL arguments: the SDXL VAE (fp16-fix settings) or a 4-block miniature.
 
-    Four blocks give the scale factor 8 the pipeline expects; fewer blocks make the
-    latents, and the mid-block attention over them, far larger.
+    Four blocks give the scale factor 8 the pipeline expects; fewer blocks make the latents, and the mid-block
+    attention over them, far larger.
     """
-    channels = (8, 8, 16, 16) if size == "tiny" else (128, 256, 512, 512)
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "block_out_channels": channels,
-        "layers_per_block": 1 if size == "tiny" else 2,
-        "act_fn": "silu",
-        "latent_channels": 4,
-        "norm_num_groups": 4 if size == "tiny" else 32,
-        "sample_size": 1024,
-        "scaling_factor": 0.13025,
-        "force_upcast": False,
-    }
+    if size == "full":
+        return dict(architecture.VAE)
+    return {**architecture.VAE, "block_out_channels": (8, 8, 16, 16), "layers_per_block": 1, "norm_num_groups": 4}
 
 
 def component_configs(size: str, vocab_size: int) -> Configs:
