@@ -21,6 +21,9 @@ MAX_SEED = 4294967295
 MAX_GUIDANCE_SCALE = 3.0
 MAX_MAP_GROW = 256
 MAX_MAP_BLUR = 256
+MAX_EXTEND = 2048
+MAX_MAP_PROMPT_CHARS = 500
+MAP_DEPTH_CHOICES = ["off", "near", "far"]
 OUTPUT_FORMATS = ["webp", "png", "jpg"]
 MIN_LORA_SCALE = -1.0
 MAX_LORA_SCALE = 3.0
@@ -41,8 +44,30 @@ class Predictor(BaseRunner):
         image: Path = Input(
             description="The picture to edit (PNG, JPEG, WebP, GIF, BMP, TIFF, HEIC or AVIF). Its colour profile and EXIF are kept in the outputs."
         ),
-        map: Path = Input(  # noqa: A002 - the public input name
-            description="Grayscale change map: black keeps a pixel exactly, white regenerates it, grey changes it partly. Any size with the image's aspect ratio; colour maps use their luminance."
+        map: Path | None = Input(  # noqa: A002 - the public input name
+            description="Grayscale change map: black (up to 2 of 255) keeps a pixel exactly, white regenerates it, grey changes it partly. Any size with the image's aspect ratio; colour maps use their luminance. Optional when map_prompt, map_depth, the image's transparency or extend_* says what changes.",
+            default=None,
+        ),
+        map_prompt: str = Input(
+            description="Make the change map from words: what to change (CLIPSeg), e.g. 'the sky'. Several things separated by commas change together ('sky, water'); with a map or map_depth, only where they all say so.",
+            default="",
+            max_length=MAX_MAP_PROMPT_CHARS,
+        ),
+        map_negative_prompt: str = Input(
+            description="What to keep even where the map would change it, e.g. 'person, dog' (CLIPSeg; separated by commas).",
+            default="",
+            max_length=MAX_MAP_PROMPT_CHARS,
+        ),
+        map_depth: str = Input(
+            description="Make the change map from depth (Depth Anything): far changes the background most and the nearest things not at all; near the reverse.",
+            default="off",
+            choices=MAP_DEPTH_CHOICES,
+        ),
+        map_depth_range: float = Input(
+            description="With map_depth: the share of the scene's depth, from the chosen end, that changes, more toward that end; 1 ramps across the whole scene, 0.3 changes only the farthest (or nearest) 30%.",
+            default=1.0,
+            ge=0.05,
+            le=1.0,
         ),
         steps: int = Input(description="Denoising steps.", default=4, ge=MIN_STEPS, le=MAX_STEPS),
         strength: float = Input(description="Scales the whole map: 0 changes nothing.", default=1.0, ge=0.0, le=1.0),
@@ -60,6 +85,34 @@ class Predictor(BaseRunner):
             default=0,
             ge=0,
             le=MAX_MAP_BLUR,
+        ),
+        extend_left: int = Input(
+            description="Outpaint: grow the canvas by this many pixels on the left (at most the image's width, and 2048); the new area is generated and a band of the image along the seam is changed partly.",
+            default=0,
+            ge=0,
+            le=MAX_EXTEND,
+        ),
+        extend_right: int = Input(
+            description="Outpaint on the right, as extend_left.",
+            default=0,
+            ge=0,
+            le=MAX_EXTEND,
+        ),
+        extend_top: int = Input(
+            description="Outpaint at the top (at most the image's height, and 2048).",
+            default=0,
+            ge=0,
+            le=MAX_EXTEND,
+        ),
+        extend_bottom: int = Input(
+            description="Outpaint at the bottom, as extend_top.",
+            default=0,
+            ge=0,
+            le=MAX_EXTEND,
+        ),
+        return_map: bool = Input(
+            description="Also return the change map actually used (after every map input, at the output's size) as the last output, a 16-bit grayscale PNG in which any pixel the map changes at all is above black.",
+            default=False,
         ),
         crop_to_map: bool = Input(
             description="When the changed area is a small part of a large picture, edit a crop around it at full working resolution (more detail), and paste it back.",

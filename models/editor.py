@@ -1,19 +1,20 @@
 """One edit from files to pictures: the single call predict.py makes."""
 
 import logging
+import math
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from . import cropping, heap, maps, memory
+from . import cropping, heap, memory
 from .errors import SafetyError
 from .inputs import EditOptions, LoraOptions
 from .limits import GUIDANCE_WARNING
 from .loras.cache import LoraCache
 from .loras.request import use_loras
-from .pictures.read import picture_size, read_map, read_picture
+from .maps import sources
+from .pictures.read import picture_size, read_picture
 from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult, StepListener
 from .sizing import WORKING_AREA
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 def edit_files(
     pipeline: DifferentialDiffusionPipeline,
     image_path: Path,
-    map_path: Path,
+    map_path: Path | None,
     options: EditOptions,
     *,
     loras: LoraOptions | None = None,
@@ -33,8 +34,8 @@ def edit_files(
     time_each_step: bool = False,
     on_step: StepListener | None = None,
 ) -> EditResult:
-    """Check the work fits, merge the request's LoRAs, read the picture and its change map, fit the map, and run
-    the edit.
+    """Check the work fits, merge the request's LoRAs, read the picture, make its change map (models/maps/sources.py:
+    from the map file, words, depth, the picture's transparency or the outpainting), and run the edit.
 
     A failure or cancellation (a BaseException) frees what the edit held; running out of memory becomes one
     line naming what to lower. allow_lora_paths lets local LoRA files through (the command line, never the
@@ -43,13 +44,13 @@ def edit_files(
     whose copies outlive it, does not.
     """
     width, height = picture_size(image_path, "image")
-    map_width, map_height = picture_size(map_path, "map")
-    memory.check_fits(pipeline, options.num_outputs, width, height, working_area, map_width * map_height)
+    extension = sources.extension_of(options, width, height)
+    width, height = extension.canvas_size if extension is not None else (width, height)
+    map_pixels = math.prod(picture_size(map_path, "map")) if map_path is not None else 0
+    memory.check_fits(pipeline, options.num_outputs, width, height, working_area, map_pixels)
     try:
         loras = loras or LoraOptions.from_values({})
-        edit_bytes = memory.estimate_peak_bytes(
-            pipeline, options.num_outputs, width, height, working_area, map_width * map_height
-        )
+        edit_bytes = memory.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area, map_pixels)
         lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
         with heap.for_edit():
             result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step, on_step)
@@ -70,35 +71,30 @@ def edit_files(
 def _read_and_edit(
     pipeline: DifferentialDiffusionPipeline,
     image_path: Path,
-    map_path: Path,
+    map_path: Path | None,
     options: EditOptions,
     working_area: int,
     time_each_step: bool,
     on_step: StepListener | None,
 ) -> EditResult:
     started = time.perf_counter()
-    picture = read_picture(image_path, "image", options.keep_location)
+    width, height = picture_size(image_path, "image")
+    extension = sources.extension_of(options, width, height)
+    output_size = extension.canvas_size if extension is not None else None
+    picture = read_picture(image_path, "image", options.keep_location, output_size)
     if not picture.colour_space.is_srgb:
         log.info("image: %s; the model sees sRGB, the outputs keep this profile", picture.colour_space.description)
-    change_map = torch.from_numpy(read_map(map_path, "map"))
-    height, width = picture.pixels.shape[:2]
-    if change_map.shape != (height, width):
-        log.warning("map: %dx%d resized to the image's %dx%d", change_map.shape[1], change_map.shape[0], width, height)
-    change_map = maps.prepare(
-        maps.fit_to_image(change_map, width, height),
-        invert=options.invert_map,
-        grow=options.map_grow,
-        blur=options.map_blur,
-        strength=options.strength,
-    )
+    prepared = sources.prepare(picture, map_path, options, extension, pipeline.segmenter, pipeline.depth)
+    pixels, change_map = prepared.pixels, prepared.change_map
+    height, width = change_map.shape
     crop = cropping.choose_crop(change_map, working_area) if options.crop_to_map else None
-    image, region = picture.pixels, change_map
+    image, region = pixels, change_map
     if crop is not None:
         log.info(
             "crop: editing %dx%d at (%d, %d) of %dx%d, %.1fx the whole picture's detail",
             crop.width, crop.height, crop.left, crop.top, width, height, crop.gain,
         )  # fmt: skip
-        image = picture.pixels[crop.top : crop.bottom, crop.left : crop.right]
+        image = pixels[crop.top : crop.bottom, crop.left : crop.right]
         region = change_map[crop.top : crop.bottom, crop.left : crop.right]
     log.info("seed: %d", options.seed)
     if options.guidance_scale > GUIDANCE_WARNING:
@@ -117,13 +113,14 @@ def _read_and_edit(
         working_area=crop.working_area if crop is not None else working_area,
         colour_space=picture.colour_space,
     )
-    decode_seconds = time.perf_counter() - started
+    decode_seconds = time.perf_counter() - started - sum(prepared.timings.values())  # the map models' apart
     result = pipeline.edit(request, time_each_step, on_step)
     result.metadata = picture.metadata
+    result.change_map = change_map
     if crop is not None:
         result.crop_images = result.images
-        result.images = [paste(picture.pixels, edited, crop) for edited in result.images]
-    result.timings = {"decode_inputs": decode_seconds, **result.timings}
+        result.images = [paste(pixels, edited, crop) for edited in result.images]
+    result.timings = {"decode_inputs": decode_seconds, **prepared.timings, **result.timings}
     return result
 
 

@@ -1,14 +1,12 @@
-"""The request's inputs in one table (name, kind, default, bounds, description), and their validation.
+"""The request's inputs in one table (name, kind, default, bounds, description), and the options made from them.
 
 predict.py states each input again as literal Input() arguments, because Cog's build reads the schema from that file
 without running it (tests/serving/test_schema.py checks that the two agree); the command line's flags are made from this
-table. Validation does not rely on Cog's schema: a server started without one passes any JSON value through.
+table. Each value is checked by its kind's checker in models/validation.py.
 """
 
-import math
 import secrets
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Self
@@ -16,10 +14,12 @@ from typing import Any, Self
 from .errors import InputError
 from .limits import (
     DEFAULT_PROMPT,
+    MAX_EXTEND,
     MAX_GUIDANCE_SCALE,
     MAX_LORA_SCALE,
     MAX_MAP_BLUR,
     MAX_MAP_GROW,
+    MAX_MAP_PROMPT_CHARS,
     MAX_NUM_OUTPUTS,
     MAX_PROMPT_CHARS,
     MAX_SEED,
@@ -27,110 +27,20 @@ from .limits import (
     MIN_LORA_SCALE,
     MIN_STEPS,
 )
-from .pictures.read import READABLE_NAMES
 from .pictures.write import OUTPUT_FORMATS
+from .validation import (
+    FileCheck,
+    boolean,
+    choice,
+    fetched_file,
+    integer,
+    lora_source,
+    number,
+    secret,
+    text,
+)
 
-JSON_KINDS = {dict: "object", list: "array", bool: "boolean", int: "number", float: "number"}
-"""What a request's non-file value was, in JSON's words, for error messages."""
-
-FileCheck = Callable[[str, Any], Path]
-"""How an entry point turns a file input into a path it may read: `fetched_file` for the server, `local_file` for
-the command line."""
-
-
-def integer(name: str, value: Any, low: int, high: int) -> int:
-    """An int (or an integral float such as 4.0) within [low, high]."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise InputError(f"{name}: must be a whole number from {low} to {high}, got {value!r}")
-    return value
-
-
-def number(name: str, value: Any, low: float, high: float) -> float:
-    """A finite int or float within [low, high]."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InputError(f"{name}: must be a number from {low:g} to {high:g}, got {value!r}")
-    if not low <= value <= high:
-        raise InputError(f"{name}: must be from {low:g} to {high:g}, got {value!r}")
-    return float(value)
-
-
-def boolean(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise InputError(f"{name}: must be true or false, got {value!r}")
-    return value
-
-
-def text(name: str, value: Any, max_chars: int = MAX_PROMPT_CHARS) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InputError(f"{name}: must be text, got {value!r}")
-    if len(value) > max_chars:
-        raise InputError(f"{name}: at most {max_chars} characters, got {len(value)}")
-    return value.strip()
-
-
-def choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
-    normalised = value.strip().lower() if isinstance(value, str) else value
-    if normalised == "jpeg":
-        normalised = "jpg"
-    if normalised not in allowed:
-        raise InputError(f"{name}: must be one of {', '.join(allowed)}, got {value!r}")
-    return normalised
-
-
-def secret(name: str, value: Any) -> str | None:
-    """A token given as a Cog Secret (or plain text, from the command line); None when not given."""
-    if value is None:
-        return None
-    if hasattr(value, "get_secret_value"):
-        value = value.get_secret_value()
-    if not isinstance(value, str):
-        raise InputError(f"{name}: must be text, got a JSON {JSON_KINDS.get(type(value), type(value).__name__)}")
-    return value.strip() or None
-
-
-def lora_source(name: str, value: Any) -> str:
-    if value is None:
-        return ""
-    if not isinstance(value, str):
-        raise InputError(f"{name}: must be text (a URL, a Hugging Face repo or a data URI), got {value!r}")
-    return value.strip()
-
-
-def fetched_file(name: str, value: Any) -> Path:
-    """A file Cog fetched for this request, which always lies directly in the temporary folder.
-
-    Cog turns data URIs and http(s) URLs into such files. Anything else (a path on the server, a file://
-    URL, a link) is refused before it is opened, so a request can never make the predictor read the
-    container's files or the outputs of earlier requests, which lie in a subfolder.
-    """
-    if value is None:
-        raise InputError(f"{name}: required; give a picture file ({READABLE_NAMES})")
-    allowed = f"{name}: give a file (an upload, a data URI or an http(s) URL)"
-    if isinstance(value, str):
-        raise InputError(f"{allowed}; paths and other text are not accepted")
-    if not isinstance(value, Path):
-        kind = JSON_KINDS.get(type(value), type(value).__name__)
-        raise InputError(f"{allowed}, not a JSON {kind}")
-    path = Path(value)
-    temporary_folder = Path(tempfile.gettempdir()).resolve()
-    if path.is_symlink() or not path.is_file() or path.resolve().parent != temporary_folder:
-        raise InputError(f"{allowed}, not a path on the server")
-    return path
-
-
-def local_file(name: str, value: Any) -> Path:
-    """A file given on the command line: any readable local path (the server takes only files Cog fetched)."""
-    if value is None:
-        raise InputError(f"{name}: required; give a picture file ({READABLE_NAMES})")
-    path = Path(value).expanduser()
-    if not path.is_file():
-        raise InputError(f"{name}: no such file: {path}")
-    return path
-
+MAP_DEPTH_CHOICES = ("off", "near", "far")
 
 REQUIRED = object()
 """The default of an input that has none: a file the request must give."""
@@ -185,9 +95,42 @@ INPUTS = {
         Input(
             "map",
             "file",
-            REQUIRED,
-            "Grayscale change map: black keeps a pixel exactly, white regenerates it, grey changes it partly. Any size"
-            " with the image's aspect ratio; colour maps use their luminance.",
+            None,
+            "Grayscale change map: black (up to 2 of 255) keeps a pixel exactly, white regenerates it, grey changes it"
+            " partly. Any size with the image's aspect ratio; colour maps use their luminance. Optional when"
+            " map_prompt, map_depth, the image's transparency or extend_* says what changes.",
+        ),
+        Input(
+            "map_prompt",
+            "text",
+            "",
+            "Make the change map from words: what to change (CLIPSeg), e.g. 'the sky'. Several things separated by"
+            " commas change together ('sky, water'); with a map or map_depth, only where they all say so.",
+            max_length=MAX_MAP_PROMPT_CHARS,
+        ),
+        Input(
+            "map_negative_prompt",
+            "text",
+            "",
+            "What to keep even where the map would change it, e.g. 'person, dog' (CLIPSeg; separated by commas).",
+            max_length=MAX_MAP_PROMPT_CHARS,
+        ),
+        Input(
+            "map_depth",
+            "choice",
+            "off",
+            "Make the change map from depth (Depth Anything): far changes the background most and the nearest"
+            " things not at all; near the reverse.",
+            choices=MAP_DEPTH_CHOICES,
+        ),
+        Input(
+            "map_depth_range",
+            "number",
+            1.0,
+            "With map_depth: the share of the scene's depth, from the chosen end, that changes, more toward that"
+            " end; 1 ramps across the whole scene, 0.3 changes only the farthest (or nearest) 30%.",
+            low=0.05,
+            high=1.0,
         ),
         Input("steps", "integer", 4, "Denoising steps.", low=MIN_STEPS, high=MAX_STEPS),
         Input("strength", "number", 1.0, "Scales the whole map: 0 changes nothing.", low=0.0, high=1.0),
@@ -209,6 +152,32 @@ INPUTS = {
             " map_grow plus 1.125 x map_blur from the changed area are still kept exactly.",
             low=0,
             high=MAX_MAP_BLUR,
+        ),
+        Input(
+            "extend_left",
+            "integer",
+            0,
+            "Outpaint: grow the canvas by this many pixels on the left (at most the image's width, and 2048); the new"
+            " area is generated and a band of the image along the seam is changed partly.",
+            low=0,
+            high=MAX_EXTEND,
+        ),
+        Input("extend_right", "integer", 0, "Outpaint on the right, as extend_left.", low=0, high=MAX_EXTEND),
+        Input(
+            "extend_top",
+            "integer",
+            0,
+            "Outpaint at the top (at most the image's height, and 2048).",
+            low=0,
+            high=MAX_EXTEND,
+        ),
+        Input("extend_bottom", "integer", 0, "Outpaint at the bottom, as extend_top.", low=0, high=MAX_EXTEND),
+        Input(
+            "return_map",
+            "boolean",
+            False,
+            "Also return the change map actually used (after every map input, at the output's size) as the last"
+            " output, a 16-bit grayscale PNG in which any pixel the map changes at all is above black.",
         ),
         Input(
             "crop_to_map",
@@ -309,6 +278,14 @@ class EditOptions(FromValues):
     seed: int
     map_grow: int
     map_blur: int
+    map_prompt: str
+    map_negative_prompt: str
+    map_depth: str
+    map_depth_range: float
+    extend_left: int
+    extend_right: int
+    extend_top: int
+    extend_bottom: int
     crop_to_map: bool
     keep_location: bool
     disable_safety_checker: bool
@@ -318,6 +295,7 @@ class EditOptions(FromValues):
 class OutputOptions(FromValues):
     output_format: str
     output_quality: int
+    return_map: bool
 
 
 @dataclass(frozen=True)
@@ -355,17 +333,19 @@ class Request:
     """One request's inputs, validated: the two files, the edit, the outputs and the LoRAs."""
 
     image: Path
-    map: Path
+    map: Path | None
     edit: EditOptions
     output: OutputOptions
     loras: LoraOptions
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any], file_check: FileCheck = fetched_file) -> "Request":
-        """Validate every input, the files last (after the cheap checks) by the entry point's rule."""
+        """Validate every input, the files last (after the cheap checks) by the entry point's rule; the map is
+        optional (what else can make one is judged with the picture, in models/maps/sources.py)."""
         unknown = sorted(set(values) - set(INPUTS))
         if unknown:
             raise InputError(f"{unknown[0]}: not an input; the inputs are {', '.join(INPUTS)}")
         edit, output, loras = (kind.from_values(values) for kind in (EditOptions, OutputOptions, LoraOptions))
-        image, change_map = (file_check(name, values.get(name)) for name in ("image", "map"))
+        image = file_check("image", values.get("image"))
+        change_map = file_check("map", values["map"]) if values.get("map") is not None else None
         return cls(image=image, map=change_map, edit=edit, output=output, loras=loras)

@@ -22,6 +22,15 @@ MAX_MAP_GROW = 256
 MAX_MAP_BLUR = 256
 """Largest map_blur radius, in pixels at the image's size."""
 
+MAX_MAP_PROMPTS = 8
+"""Most comma-separated phrases in map_prompt or map_negative_prompt: CLIPSeg runs once per phrase."""
+MAX_MAP_PROMPT_CHARS = 500
+"""Longest map_prompt or map_negative_prompt; CLIPSeg reads 77 tokens of each phrase."""
+
+MAX_EXTEND = 2048
+"""Most pixels extend_left, extend_right, extend_top or extend_bottom may add (and never more than the picture's own
+width or height on that axis: a few-step model invents a margin, not a second picture)."""
+
 MAP_ASPECT_TOLERANCE = 0.01
 """Relative aspect-ratio difference between map and image still treated as the same aspect."""
 

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
-from . import maps, sampler
+from . import sampler
 from .errors import NumericError
 from .loras.merge import LoraMerger
 from .loras.tokens import TokenEmbeddings
+from .maps import shaping
+from .maps.estimators import DepthEstimator, TextSegmenter
 from .pictures.colour import UNTAGGED, ColourSpace
 from .pictures.metadata import OutputMetadata
 from .safety import SafetyChecker
@@ -63,6 +65,8 @@ class EditResult:
     """The edited crops themselves, when the edit was made on a crop of the picture (models/cropping.py)."""
     generated: bool = True
     """False when the map changed nothing and the outputs are the input itself."""
+    change_map: torch.Tensor | None = None
+    """The map the edit used, (H, W) at the outputs' size (return_map)."""
 
 
 class Stopwatch:
@@ -106,6 +110,10 @@ class DifferentialDiffusionPipeline:
         self.offload_hooks: list = []
         """accelerate's model-offload hooks in the low-memory mode (models/acceleration.py: save_memory)."""
         self.safety: SafetyChecker | None = None
+        self.segmenter: TextSegmenter | None = None
+        """map_prompt's CLIPSeg."""
+        self.depth: DepthEstimator | None = None
+        """map_depth's Depth Anything."""
         """Set by loading when the weights folder has one; the editor checks what is returned with it."""
         self.setup_timings: dict[str, float] = {}
         """Seconds of each stage of loading (models/weights/load.py), for setup measurements."""
@@ -161,8 +169,8 @@ class DifferentialDiffusionPipeline:
         image = torch.tensor(request.image, device=self.device).permute(2, 0, 1)[None].float()
         change_map = torch.tensor(request.change_map, device=self.device)
         work_image = self._to_srgb(resize_pixels(image, work_height, work_width), request.colour_space)
-        work_map = maps.resize_map(change_map, work_height, work_width)
-        latent_map = maps.resize_map(work_map, work_height // self.latent_scale, work_width // self.latent_scale)
+        work_map = shaping.resize_map(change_map, work_height, work_width)
+        latent_map = shaping.resize_map(work_map, work_height // self.latent_scale, work_width // self.latent_scale)
         weights = sampler.blend_weights(latent_map, schedule)
         watch.lap("prepare")
 
@@ -279,7 +287,7 @@ class DifferentialDiffusionPipeline:
         """Bring results back to the input's size and paste them over the original through a feathered mask."""
         height, width = image.shape[-2:]
         generated = resize_pixels(generated, height, width)
-        alpha = maps.resize_map(maps.composite_alpha(work_map), height, width)
+        alpha = shaping.resize_map(shaping.composite_alpha(work_map), height, width)
         # Kept pixels are the input's by selection: no arithmetic on them, so nothing computed can reach them.
         blended = torch.where(alpha > 0, torch.lerp(image, generated, alpha), image).round().to(torch.uint8)
         return [picture.permute(1, 2, 0).cpu().numpy() for picture in blended]

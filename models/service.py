@@ -17,7 +17,7 @@ from . import heap
 from .editor import edit_files
 from .inputs import Request
 from .loras.cache import LoraCache
-from .pictures.write import numbered_paths, write_pictures
+from .pictures.write import encode_map, map_path_beside, numbered_paths, write_pictures
 from .pipeline import DifferentialDiffusionPipeline, StepListener
 from .sizing import WORKING_AREA
 from .weights.load import load_pipeline
@@ -30,7 +30,8 @@ OutputPaths = Callable[[int, str], list[Path]]
 
 @dataclass(frozen=True)
 class Prediction:
-    """What a prediction wrote, the seed it used and the seconds of each stage ("total" is the whole run)."""
+    """What a prediction wrote (the pictures, then the map when return_map asked for it), the seed it used and the
+    seconds of each stage ("total" is the whole run)."""
 
     paths: list[Path]
     seed: int
@@ -96,6 +97,9 @@ class EditService:
             output = request.output
             paths = output_paths(len(result.images), output.output_format)
             write_pictures(result.images, paths, output.output_format, output.output_quality, result.metadata)
+            if output.return_map and result.change_map is not None:
+                paths.append(map_path_beside(paths[0]))
+                paths[-1].write_bytes(encode_map(result.change_map.numpy()))
             result.timings["encode_outputs"] = time.perf_counter() - encoding
         finally:
             heap.trim()

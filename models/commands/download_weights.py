@@ -1,8 +1,8 @@
-"""Fetch SDXL 1.0 base (fp16), the fp16-fix VAE, the Flash-SDXL LoRA and the safety checker, and write the
-MODEL_CACHE folder with its manifest.json (models/weights/build.py does the work; setup() runs the same code when the
-folder is missing).
+"""Fetch SDXL 1.0 base (fp16), the fp16-fix VAE, the Flash-SDXL LoRA, the safety checker and the two map models,
+and write the MODEL_CACHE folder with its manifest.json (models/weights/build.py does the work; setup() runs the same
+code when the folder is missing).
 
-    python scripts/download-weights [--dest DIR] [--sdxl-revision R] [--vae-revision R] [--lora-revision R]
+    python scripts/download-weights [--dest DIR] [--sdxl-revision R] [--vae-revision R] [--lora-revision R] ...
     cog exec python scripts/download-weights          # the same, inside the Cog image
 
 Safe to re-run and to interrupt: a complete folder is verified and left alone, an interrupted run resumes.

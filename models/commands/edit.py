@@ -19,10 +19,11 @@ from typing import Any
 
 from .. import settings
 from ..errors import ProjectError
-from ..inputs import INPUTS, REQUIRED, Input, Request, local_file
+from ..inputs import INPUTS, REQUIRED, Input, Request
 from ..loras.cache import LoraCache
 from ..service import EditService
-from ..weights.load import select_device
+from ..validation import local_file
+from ..weights.load import LOADED_STAGES, select_device
 
 OUTPUT_SUFFIXES = {".webp": "webp", ".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "outputs"
@@ -101,7 +102,7 @@ class Progress:
         from tqdm import tqdm
 
         if self.bar is None:
-            self.bar = tqdm(total=5, desc="loading", unit="model", file=sys.stderr)
+            self.bar = tqdm(total=len(LOADED_STAGES), desc="loading", unit="model", file=sys.stderr)
         self.bar.set_postfix_str(name)
         self.bar.update()
         if self.bar.n == self.bar.total:

@@ -45,9 +45,11 @@ class Picture:
     """A decoded input picture: pixels in its own colour space, the way to sRGB and back, and what outputs carry."""
 
     pixels: np.ndarray
-    """RGB uint8 (H, W, 3), upright, in colour_space."""
+    """RGB uint8 (H, W, 3), upright, in colour_space; transparent areas flattened onto white."""
     colour_space: ColourSpace
     metadata: OutputMetadata
+    alpha: np.ndarray | None = None
+    """Opacity uint8 (H, W), upright, for a picture with an alpha channel or a transparent palette entry."""
 
 
 @dataclass(frozen=True)
@@ -123,21 +125,26 @@ def _sixteen_bit_to_unit(picture: Image.Image) -> np.ndarray:
     return np.clip(np.asarray(picture, dtype=np.float32) / 65535.0, 0.0, 1.0)
 
 
-def read_picture(path: Path, name: str = "image", keep_location: bool = False) -> Picture:
+def read_picture(
+    path: Path, name: str = "image", keep_location: bool = False, output_size: tuple[int, int] | None = None
+) -> Picture:
     """Decode a picture, upright, to RGB uint8 in its own colour space (or sRGB for CMYK, gray or CIELAB ones).
 
-    Alpha is flattened onto white. keep_location keeps EXIF GPS and XMP in the outputs' metadata.
+    Alpha is flattened onto white, and kept beside the pixels. keep_location keeps EXIF GPS and XMP in the outputs'
+    metadata; output_size is the outputs' (width, height) for their EXIF, when it is not the picture's (outpainting).
     """
     decoded = _open(path, name)
     pixels, colour_space = _colour_managed_rgb(decoded, Path(path), name)
+    alpha = np.asarray(decoded.image.convert("RGBA").getchannel("A")) if _has_alpha(decoded.image) else None
     log.info("%s: colour space %s", name, colour_space.description)
     height, width = pixels.shape[:2]
+    width, height = output_size or (width, height)
     metadata = OutputMetadata(
         icc_profile=colour_space.icc_profile,
         exif=output_exif(decoded.exif, width, height, keep_location, name),
         xmp=output_xmp(decoded.image) if keep_location else None,
     )
-    return Picture(pixels, colour_space, metadata)
+    return Picture(pixels, colour_space, metadata, alpha)
 
 
 def read_image(path: Path, name: str = "image") -> np.ndarray:
@@ -145,7 +152,7 @@ def read_image(path: Path, name: str = "image") -> np.ndarray:
     return read_picture(path, name).pixels
 
 
-def _eight_bit_rgb(picture: Image.Image, name: str) -> np.ndarray:
+def _eight_bit_rgb(picture: Image.Image) -> np.ndarray:
     """RGB uint8 (H, W, 3) from any mode, without colour management: 16-bit scaled, alpha flattened onto white."""
     if picture.mode in SIXTEEN_BIT_MODES:
         gray = np.round(_sixteen_bit_to_unit(picture) * 255.0).astype(np.uint8)
@@ -153,8 +160,7 @@ def _eight_bit_rgb(picture: Image.Image, name: str) -> np.ndarray:
     if picture.mode == "F":
         gray = np.clip(np.round(np.asarray(picture, dtype=np.float32)), 0, 255).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
-    if (picture.mode == "P" and "transparency" in picture.info) or picture.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        log.warning("%s: transparent areas flattened onto white", name)
+    if _has_alpha(picture):
         rgba = picture.convert("RGBA")
         flat = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         flat.alpha_composite(rgba)
@@ -162,12 +168,19 @@ def _eight_bit_rgb(picture: Image.Image, name: str) -> np.ndarray:
     return np.asarray(picture.convert("RGB"))
 
 
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def _has_alpha(picture: Image.Image) -> bool:
+    return (picture.mode == "P" and "transparency" in picture.info) or picture.mode in ALPHA_MODES
+
+
 def _colour_managed_rgb(decoded: _Decoded, path: Path, name: str) -> tuple[np.ndarray, ColourSpace]:
     """RGB pixels and their space: RGB profiles (ICC or nclx) are kept, others are converted to sRGB."""
     picture = decoded.image
     if picture.mode == "LAB":  # CIELAB needs no profile to mean a colour
         return colour.convert_to_srgb(picture, None), colour.CONVERTED_SRGB
-    rgb = _eight_bit_rgb(picture, name)
+    rgb = _eight_bit_rgb(picture)
     icc_profile = picture.info.get("icc_profile") or None
     if icc_profile is not None:
         return _with_profile(picture, rgb, icc_profile, name) or (rgb, colour.UNTAGGED)

@@ -62,6 +62,20 @@ def write_pictures(
         path.write_bytes(encode_image(pixels, output_format, quality, metadata))
 
 
+def encode_map(change_map: np.ndarray) -> bytes:
+    """A change map ((H, W) float in [0, 1]) as a 16-bit grayscale PNG, rounded up: a pixel the map changes at all is
+    at least 1 of 65535, never black."""
+    levels = np.ceil(np.clip(change_map, 0.0, 1.0) * 65535.0).astype(np.uint16)
+    buffer = io.BytesIO()
+    Image.fromarray(levels).save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+def map_path_beside(first_output: Path) -> Path:
+    """Where return_map's map goes: beside the first output, as <its name>-map.png."""
+    return first_output.with_name(f"{first_output.stem}-map.png")
+
+
 def numbered_paths(folder: Path) -> Callable[[int, str], list[Path]]:
     """Outputs named folder/out-N.<format>, as the predictor writes them."""
     return lambda count, output_format: [folder / f"out-{index}.{output_format}" for index in range(count)]

@@ -54,7 +54,7 @@ from .manifest import (
     summarize,
     write_manifest,
 )
-from .sources import DEFAULT_SOURCES, LORA_FOLDER, SAFETY_FILES, Source, Sources
+from .sources import DEFAULT_SOURCES, LORA_FOLDER, PLACED_FILES, Source, Sources
 
 log = logging.getLogger(__name__)
 
@@ -202,17 +202,18 @@ def lora_record(sources: Sources) -> dict[str, Any]:
     return {"file": f"{LORA_FOLDER}/{sources.lora_weight_name}", "scale": sources.lora_scale}
 
 
-def place_safety_checker(out: Path, snapshot: Snapshot) -> list[str]:
-    """The safety checker's files, as published, under diffusers' names; returns their paths in the folder."""
-    for published, placed in SAFETY_FILES.items():
+def place_model(out: Path, name: str, snapshot: Snapshot) -> list[str]:
+    """A model beside the pipeline (PLACED_FILES: the safety checker, the map models), its files as published;
+    returns their paths in the folder."""
+    for published, placed in PLACED_FILES[name].items():
         link_or_copy(snapshot.folder / published, out / placed)
-    return list(SAFETY_FILES.values())
+    return list(PLACED_FILES[name].values())
 
 
 def build_folder(out: Path, snapshots: dict[str, Snapshot], sources: Sources) -> None:
     """Write the weights folder's layout from the fetched files."""
-    if "safety" in snapshots:
-        place_safety_checker(out, snapshots["safety"])
+    for name in PLACED_FILES.keys() & snapshots.keys():
+        place_model(out, name, snapshots[name])
     sdxl = snapshots["sdxl"].folder
     for source_name, target_name in SDXL_FILES_AS_IS.items():
         link_or_copy(sdxl / source_name, out / target_name)
@@ -241,8 +242,8 @@ def hashing_bar(total: int) -> tqdm:
 
 def missing_sources(dest: Path, sources: Sources) -> list[str] | None:
     """What a folder lacks: [] when it was built from these sources in this version's layout and every file matches
-    its sha256; the names of sources it was built without (the safety checker, for folders from before it), when
-    the rest matches; None when it must be built again."""
+    its sha256; the names of sources it was built without (the safety checker or the map models, for folders from
+    before them), when the rest matches; None when it must be built again."""
     if not (dest / MANIFEST_NAME).is_file():
         return None
     try:
@@ -259,13 +260,12 @@ def missing_sources(dest: Path, sources: Sources) -> list[str] | None:
         log.info("%s was built from other sources or settings; rebuilding it", dest)
         return None
     missing = [name for name in wanted if name not in built_from]
-    addable = {"safety"}  # sources a folder can gain in place: files of their own, nothing else depends on them
-    if not set(missing) <= addable:
+    if not set(missing) <= PLACED_FILES.keys():  # sources a folder can gain in place
         log.info("%s lacks %s; rebuilding it", dest, ", ".join(missing))
         return None
     with hashing_bar(sum(record.size for record in manifest.files.values())) as bar:
         problems = find_problems(dest, manifest, hashes=True, progress=bar.update)
-    placed = set(SAFETY_FILES.values()) if "safety" in missing else set()
+    placed = {path for name in missing for path in PLACED_FILES[name].values()}
     problems = [problem for problem in problems if problem.removeprefix("unlisted file ") not in placed]
     if problems:
         log.info("%s does not match its manifest (%s); rebuilding it", dest, summarize(problems))
@@ -277,7 +277,7 @@ def add_sources(dest: Path, sources: Sources, missing: list[str], downloads: Pat
     """Fetch only what a complete folder lacks and add it, with its files' records, to the manifest."""
     named = sources.named()
     snapshots = fetch_all({name: named[name] for name in missing}, downloads, fetcher)
-    added = place_safety_checker(dest, snapshots["safety"])
+    added = [path for name in missing for path in place_model(dest, name, snapshots[name])]
     manifest = read_manifest(dest)
     digests = hash_files(dest, added)
     records = {name: FileRecord(size=(dest / name).stat().st_size, sha256=digests[name]) for name in added}

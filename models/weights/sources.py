@@ -28,6 +28,8 @@ class Sources:
     vae: Source
     lora: Source
     safety: Source | None = None
+    segmentation: Source | None = None
+    depth: Source | None = None
     lora_weight_name: str = LORA_WEIGHT_NAME
     lora_scale: float = 1.0
 
@@ -43,7 +45,8 @@ class Sources:
 
     def named(self) -> dict[str, Source]:
         named = {"sdxl": self.sdxl, "vae": self.vae, "lora": self.lora}
-        return named | ({"safety": self.safety} if self.safety is not None else {})
+        extras = {"safety": self.safety, "segmentation": self.segmentation, "depth": self.depth}
+        return named | {name: source for name, source in extras.items() if source is not None}
 
 
 SDXL_FILES = (
@@ -60,6 +63,10 @@ SDXL_FILES = (
     "unet/diffusion_pytorch_model.fp16.safetensors",
 )  # fmt: skip
 """The fp16 variant of every component but the VAE: no fp32 or single-file UNet copy, no .bin/.onnx/.msgpack."""
+
+MODEL_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
+"""A transformers model's files: its config, its weights and its preprocessing."""
+TOKENIZER_FILES = ("merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json")
 
 DEFAULT_SOURCES = Sources(
     # A commit of the main branch that many projects pin; --sdxl-revision main takes the newest.
@@ -80,6 +87,13 @@ DEFAULT_SOURCES = Sources(
         "refs/pr/41",
         ("config.json", "model.safetensors", "preprocessor_config.json"),
     ),
+    # CLIPSeg for map_prompt (Apache-2.0). Its main branch holds only pytorch_model.bin; its safetensors weights are
+    # on a pull request of the repo. Which one could not be checked from here (no network): a revision without
+    # them fails the build with one line naming --segmentation-revision. The resolved commit is recorded.
+    segmentation=Source("CIDAS/clipseg-rd64-refined", "refs/pr/1", (*MODEL_FILES, *TOKENIZER_FILES)),
+    # Depth Anything V2 Small for map_depth (Apache-2.0; its Base and Large checkpoints are CC BY-NC 4.0): "main" is
+    # resolved at download time and recorded in the manifest.
+    depth=Source("depth-anything/Depth-Anything-V2-Small-hf", "main", MODEL_FILES),
 )
 
 MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -91,3 +105,19 @@ SAFETY_FILES = {
     "preprocessor_config.json": "feature_extractor/preprocessor_config.json",
 }
 """Where the safety checker's files go in the weights folder: diffusers' names for a pipeline's checker."""
+
+SEGMENTATION_FOLDER, DEPTH_FOLDER = "map_segmentation", "map_depth"
+
+PLACED_FILES = {
+    "safety": SAFETY_FILES,
+    "segmentation": {name: f"{SEGMENTATION_FOLDER}/{name}" for name in (*MODEL_FILES, *TOKENIZER_FILES)},
+    "depth": {name: f"{DEPTH_FOLDER}/{name}" for name in MODEL_FILES},
+}
+"""The models beside the pipeline, by source name, and where each published file goes. Each is a few files of its
+own that nothing else depends on, so a folder built without one gains it in place (stored as published, float32)."""
+
+PLACED_NAMES = {
+    "safety": "safety checker",
+    "segmentation": "map_prompt's CLIPSeg",
+    "depth": "map_depth's Depth Anything",
+}

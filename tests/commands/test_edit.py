@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save
 
 from models.errors import InputError
-from models.inputs import EditOptions
+from models.inputs import INPUTS, REQUIRED, EditOptions
 from models.loras.cache import LoraCache
 from models.service import EditService
 from models.tooling.pictures import photo
@@ -56,13 +56,8 @@ def run_predictor(pipeline, folder: Path, image: Path, mask: Path, **inputs) -> 
         copy = temporary / f"tmp-cli-{os.getpid()}-{path.name}"
         copy.write_bytes(path.read_bytes())
         fetched.append(CogPath(copy))
-    defaults = {
-        "prompt": "a red boat", "steps": 4, "strength": 1.0, "invert_map": False, "map_grow": 0, "map_blur": 0,
-        "crop_to_map": True, "seed": None, "num_outputs": 1, "negative_prompt": "", "guidance_scale": 0.0,
-        "output_format": "webp", "output_quality": 90, "keep_location": False, "lora_weights": "", "lora_scale": 1.0,
-        "extra_lora": "", "extra_lora_scale": 1.0, "hf_api_token": None, "civitai_api_token": None,
-        "disable_safety_checker": False,
-    }  # fmt: skip
+    defaults = {name: spec.default for name, spec in INPUTS.items() if spec.default is not REQUIRED}
+    defaults["prompt"] = "a red boat"  # as Cog passes them: every input, the seed unset (None)
     try:
         return predictor.run(**{**defaults, "image": fetched[0], "map": fetched[1], **inputs})
     finally:
@@ -96,6 +91,18 @@ def test_several_outputs_go_to_a_folder_and_quiet_prints_only_their_paths(tiny_w
     assert paths == [tmp_path / "edits" / "photo-4-0.png", tmp_path / "edits" / "photo-4-1.png"]
     assert all(path.is_file() for path in paths)
     assert "seed" not in result.stderr and "denoising" not in result.stderr
+
+
+def test_map_flags_outpaint_without_a_map_and_write_the_map_beside_the_picture(tiny_weights, inputs, tmp_path):
+    image, _ = inputs
+    out = tmp_path / "wider.png"
+    flags = ["--extend-right", "16", "--map-depth", "far", "--return-map", "--steps", "1", "--seed", "2", "--quiet"]
+    result = edit("--image", str(image), *flags, "--out", str(out), weights=tiny_weights)
+    assert result.returncode == 0, result.stderr
+    assert [Path(line) for line in result.stdout.split()] == [out, tmp_path / "wider-map.png"]
+    assert Image.open(out).size == (80, 48)
+    written_map = Image.open(tmp_path / "wider-map.png")
+    assert written_map.size == (80, 48) and written_map.mode == "I;16"
 
 
 @pytest.mark.parametrize(

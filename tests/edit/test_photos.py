@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from models import maps
 from models.editor import edit_files
 from models.inputs import EditOptions
+from models.maps import shaping
 from models.pictures import colour
 from models.pictures.read import read_map
 from models.pictures.write import numbered_paths, write_pictures
@@ -42,7 +42,7 @@ def right_half(width: int, height: int) -> np.ndarray:
 def keep_columns(width: int, height: int) -> int:
     """Columns left of the half map's edge that the feathered composite leaves untouched."""
     scale = width / working_size(width, height)[0]
-    return width // 2 - int(np.ceil(2 * maps.FEATHER_PX * scale)) - 2
+    return width // 2 - int(np.ceil(2 * shaping.FEATHER_PX * scale)) - 2
 
 
 def test_a_wide_gamut_photo_keeps_its_pixels_and_profile_and_the_model_sees_srgb(pipeline, tmp_path, monkeypatch):
@@ -107,7 +107,7 @@ def test_a_grown_and_blurred_mask_keeps_pixels_beyond_its_reach_exactly(pipeline
     mask[240:272, 240:272] = 255
     image, change_map = save(tmp_path / "image.png", pixels), save(tmp_path / "mask.png", mask)
     [output] = edit_files(pipeline, image, change_map, options(map_grow=20, map_blur=16, crop_to_map=False)).images
-    reach = 20 + 16 + 2 + int(np.ceil(2 * maps.FEATHER_PX * 512 / working_size(512, 512)[0])) + 2
+    reach = 20 + 16 + 2 + int(np.ceil(2 * shaping.FEATHER_PX * 512 / working_size(512, 512)[0])) + 2
     kept = np.ones((512, 512), bool)
     kept[240 - reach : 272 + reach, 240 - reach : 272 + reach] = False
     assert np.array_equal(output[kept], pixels[kept])
@@ -150,7 +150,7 @@ def test_a_small_edit_in_a_large_photo_is_made_on_a_crop_at_higher_resolution(
     outside = np.ones((3000, 4000), bool)
     outside[1000:2000, 1500:2500] = False
     assert np.array_equal(output[outside], pixels[outside])  # byte-exact outside the crop
-    band = maps.FEATHER_PX * 2 + 2  # inside the crop the working size is about the picture's: the band stays narrow
+    band = shaping.FEATHER_PX * 2 + 2  # inside the crop the working size is about the picture's: the band stays narrow
     assert np.array_equal(output[1250 - band - 2, 1500:2500], pixels[1250 - band - 2, 1500:2500])
     assert result.crop_images[0].shape == (1000, 1000, 3)
     assert np.array_equal(output[1000:2000, 1500:2500], result.crop_images[0])
@@ -172,12 +172,12 @@ def test_guidance_above_the_warning_level_is_logged(pipeline, tmp_path, caplog):
 
 
 def test_the_map_reaches_the_pipeline_prepared_in_order(pipeline, tmp_path, monkeypatch):
-    """Invert, grow, blur, then strength: what the pipeline gets is maps.prepare of the map as read."""
+    """Invert, grow, blur, then strength: what the pipeline gets is shaping.prepare of the map as read, inverted."""
     image = save(tmp_path / "image.png", photo(256, 256))
     mask = np.full((256, 256), 255, np.uint8)
     mask[100:140, 100:140] = 0  # white = keep: the black square is what changes
     change_map = save(tmp_path / "mask.png", mask)
     requests = recorded_requests(pipeline, monkeypatch)
     edit_files(pipeline, image, change_map, options(invert_map=True, map_grow=6, map_blur=4, strength=0.5, steps=1))
-    expected = maps.prepare(torch.from_numpy(read_map(change_map)), invert=True, grow=6, blur=4, strength=0.5)
+    expected = shaping.prepare(1.0 - torch.from_numpy(read_map(change_map)), grow=6, blur=4, strength=0.5)
     assert np.array_equal(requests[0].change_map, expected.numpy())

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from models import maps, sampler
 from models import pipeline as pipeline_module
+from models import sampler
 from models.errors import NumericError
+from models.maps import shaping
 from models.pictures.write import encode_image
 from models.sizing import working_size
 from models.tooling.pictures import photo
@@ -26,7 +27,7 @@ def test_kept_pixels_are_selected_so_nan_cannot_reach_them(pipeline):
     work_map = torch.zeros(48, 64)
     work_map[:, 40:] = 1.0
     [composite] = pipeline._composite(image, torch.full_like(image, float("nan")), work_map)
-    keep_until = 40 - 2 * maps.FEATHER_PX - 1
+    keep_until = 40 - 2 * shaping.FEATHER_PX - 1
     assert np.array_equal(composite[:, :keep_until], photo(64, 48)[:, :keep_until])
 
 
@@ -49,7 +50,7 @@ def test_black_keeps_exactly_and_white_changes(pipeline):
     [output] = edit(pipeline, image, half_map(480, 640), seed=1)
     assert output.shape == image.shape and output.dtype == np.uint8
     scale = 640 / working_size(640, 480)[0]
-    keep_until = 320 - int(np.ceil(2 * maps.FEATHER_PX * scale)) - 2
+    keep_until = 320 - int(np.ceil(2 * shaping.FEATHER_PX * scale)) - 2
     assert np.array_equal(output[:, :keep_until], image[:, :keep_until])
     assert changed_amount(output[:, 340:], image[:, 340:]) > 10
 
@@ -65,10 +66,10 @@ def test_border_between_kept_and_changed_is_feathered(pipeline):
     image = photo(1024, 1024, seed=4)
     [output] = edit(pipeline, image, half_map(1024, 1024), seed=3)
     per_column = np.abs(output.astype(np.int16) - image).mean(axis=(0, 2))
-    kept, changed = per_column[: 512 - 2 * maps.FEATHER_PX].max(), per_column[512:].mean()
-    band = per_column[512 - 2 * maps.FEATHER_PX : 512]
+    kept, changed = per_column[: 512 - 2 * shaping.FEATHER_PX].max(), per_column[512:].mean()
+    band = per_column[512 - 2 * shaping.FEATHER_PX : 512]
     assert kept == 0
-    assert (band > 0).sum() >= maps.FEATHER_PX, "the change fades in over the band"
+    assert (band > 0).sum() >= shaping.FEATHER_PX, "the change fades in over the band"
     assert band.max() - band.min() > 0.25 * changed, "a ramp, not a step"
 
 

@@ -21,11 +21,11 @@ import pytest
 import torch
 from PIL import Image
 
-from models import maps
 from models import pipeline as pipeline_module
 from models.editor import edit_files
 from models.errors import NotEnoughMemoryError
 from models.inputs import EditOptions
+from models.maps import shaping
 from models.pictures.write import encode_image
 from models.sizing import working_size
 from models.tooling.pictures import photo
@@ -155,7 +155,7 @@ def test_black_keeps_exactly_in_bf16_byte_for_byte_in_png(gpu_pipeline):
     image = photo(width, height, seed=3)
     outputs = edit(gpu_pipeline, image, half_map(height, width), seed=3, num_outputs=2)
     scale = width / working_size(width, height)[0]
-    keep_until = width // 2 - int(np.ceil(2 * maps.FEATHER_PX * scale)) - 2
+    keep_until = width // 2 - int(np.ceil(2 * shaping.FEATHER_PX * scale)) - 2
     for output in outputs:
         decoded = np.asarray(Image.open(io.BytesIO(encode_image(output, "png", 90))))
         assert np.array_equal(decoded[:, :keep_until], image[:, :keep_until])

@@ -24,9 +24,9 @@ import torch
 from cog import Path as CogPath
 from PIL import Image
 
-from models import editor, heap, maps, memory, service
+from models import editor, heap, memory, service
 from models.errors import InputError, NotEnoughMemoryError
-from models.inputs import EditOptions, fetched_file
+from models.inputs import INPUTS, REQUIRED, EditOptions
 from models.limits import (
     MAP_ASPECT_TOLERANCE,
     MAX_GUIDANCE_SCALE,
@@ -41,6 +41,7 @@ from models.limits import (
     MIN_STEPS,
 )
 from models.loras.cache import LoraCache
+from models.maps import shaping
 from models.pictures.read import picture_size, read_image
 from models.pipeline import DifferentialDiffusionPipeline
 from models.service import EditService
@@ -58,6 +59,7 @@ from models.tooling.cog_server import (
 )
 from models.tooling.pictures import FAINT, faint_map, flat_map, photo, png_bytes
 from models.tooling.soak import SOAK_RSS_MARGIN, SOAK_WARM_UP, run_soak, write_soak_inputs
+from models.validation import fetched_file
 from predict import Predictor
 from tests.support.editing import VALID, png_header_only
 
@@ -194,7 +196,7 @@ ERROR_CASES = [
         id="negative-prompt-over-limit",
     ),
     pytest.param(lambda: {"image": None}, "image: required; give a picture file", id="image-missing"),
-    pytest.param(lambda: {"map": None}, "map: required; give a picture file", id="map-missing"),
+    pytest.param(lambda: {"map": None}, "map: required unless something else says what changes", id="map-missing"),
     pytest.param(
         lambda: {"image": "/etc/passwd"},
         "image: give a file (an upload, a data URI or an http(s) URL); paths and other text are not accepted",
@@ -423,9 +425,9 @@ def test_map_aspect_tolerance():
     width, height = 1000, 500
     inside = torch.zeros(height, round(width * (1 + MAP_ASPECT_TOLERANCE * 0.9)))
     outside = torch.zeros(height, round(width * (1 + MAP_ASPECT_TOLERANCE * 1.1)))
-    assert maps.fit_to_image(inside, width, height).shape == (height, width)
+    assert shaping.fit_to_image(inside, width, height).shape == (height, width)
     with pytest.raises(InputError, match=r"^map: its aspect ratio"):
-        maps.fit_to_image(outside, width, height)
+        shaping.fit_to_image(outside, width, height)
 
 
 # --- Faults ------------------------------------------------------------------------------------------------------
@@ -508,33 +510,11 @@ def test_cancel_stops_within_one_step_frees_memory_and_leaves_no_state(server):
 
 
 def run_inputs(image: Path, change_map: Path, **changes) -> dict:
-    """Every input of Predictor.run, as Cog would pass them (calling run() directly has no Input defaults)."""
-    return {
-        "prompt": "a cat",
-        "image": CogPath(image),
-        "map": CogPath(change_map),
-        "steps": 4,
-        "strength": 1.0,
-        "invert_map": False,
-        "map_grow": 0,
-        "map_blur": 0,
-        "crop_to_map": True,
-        "seed": 3,
-        "num_outputs": 1,
-        "negative_prompt": "",
-        "guidance_scale": 0.0,
-        "output_format": "png",
-        "output_quality": 90,
-        "keep_location": False,
-        "lora_weights": "",
-        "lora_scale": 1.0,
-        "extra_lora": "",
-        "extra_lora_scale": 1.0,
-        "hf_api_token": None,
-        "civitai_api_token": None,
-        "disable_safety_checker": False,
-        **changes,
-    }
+    """Every input of Predictor.run, as Cog would pass them (calling run() directly has no Input defaults): each
+    table default, the two files and a few fixed values."""
+    defaults = {name: spec.default for name, spec in INPUTS.items() if spec.default is not REQUIRED}
+    fixed = {"prompt": "a cat", "seed": 3, "output_format": "png"}
+    return {**defaults, **fixed, "image": CogPath(image), "map": CogPath(change_map), **changes}
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""A local stand-in for the Hugging Face Hub: the four repositories the weights are built from, as folders,
+"""A local stand-in for the Hugging Face Hub: the repositories the weights are built from, as folders,
 made from the tiny weights (with the decoy files download-weights must not take)."""
 
 import fnmatch
@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from models.weights.build import Snapshot
-from models.weights.sources import DEFAULT_SOURCES, SAFETY_FILES, Source
+from models.weights.sources import DEFAULT_SOURCES, PLACED_FILES, Source
 from tests.support.loras import lora_tensors, random_lora
 
 SDXL_SCHEDULER = {
@@ -60,7 +60,7 @@ def write_file(path: Path, data: bytes | str) -> None:
 
 
 def build_hub(root: Path, tiny: Path) -> dict:
-    """Repositories laid out like the real three, with the files download-weights must not take as decoys."""
+    """Repositories laid out like the real ones, with the files download-weights must not take as decoys."""
     sdxl = root / DEFAULT_SOURCES.sdxl.repo
     index = json.loads((tiny / "model_index.json").read_text())
     index |= {"_class_name": "StableDiffusionXLPipeline", "scheduler": ["diffusers", "EulerDiscreteScheduler"]}
@@ -99,8 +99,9 @@ def build_hub(root: Path, tiny: Path) -> dict:
     lora_repo.mkdir(parents=True)
     save_file(lora_tensors(lora, "peft"), lora_repo / DEFAULT_SOURCES.lora_weight_name)
     write_file(lora_repo / "README.md", "Flash-SDXL")
-    safety = root / DEFAULT_SOURCES.safety.repo
-    for published, placed in SAFETY_FILES.items():
-        write_file(safety / published, (tiny / placed).read_bytes())
-    write_file(safety / "pytorch_model.bin", b"pickle")  # the repository's older copy of the weights
+    for name, files in PLACED_FILES.items():
+        repo = root / DEFAULT_SOURCES.named()[name].repo
+        for published, placed in files.items():
+            write_file(repo / published, (tiny / placed).read_bytes())
+        write_file(repo / "pytorch_model.bin", b"pickle")  # the older copy of the weights these repositories hold
     return lora

@@ -23,8 +23,8 @@ from tests.gpu import test_gpu
 
 ROOT = Path(__file__).resolve().parents[2]
 STAGES = ["environment", "install", "weights", "cuda-tests", "benchmark", "compile", "loras", "loras-every-layer",
-          "safety-checker", "low-memory"]  # fmt: skip
-MEASUREMENTS = ("loras", "loras-every-layer", "safety-checker", "low-memory")
+          "safety-checker", "maps", "low-memory"]  # fmt: skip
+MEASUREMENTS = ("loras", "loras-every-layer", "safety-checker", "maps", "low-memory")
 OUTPUT_FILES = {"gpu-check.json", "gpu-check.md", "gpu-check.log", "benchmark.json", "benchmark.md"}
 TOOL_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 """What the device tool brings back from $OUT: at most 8 files, named in these characters, 16 MiB each."""

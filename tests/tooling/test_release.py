@@ -135,6 +135,8 @@ def test_a_staged_release_has_the_serving_files_and_each_weights_folder_as_a_lay
     assert stage_release.image_files(dest) == sorted(SERVING_FILES + weight_files)
     assert set(layers) == {
         "model-cache/flash-lora",
+        "model-cache/map_depth",
+        "model-cache/map_segmentation",
         "model-cache/safety_checker",
         "model-cache/text_encoder",
         "model-cache/text_encoder_2",

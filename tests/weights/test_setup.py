@@ -16,7 +16,7 @@ from models.tooling.pictures import photo, png_bytes
 from models.weights.build import build_weights, fetch_from_folder
 from models.weights.load import load_pipeline
 from models.weights.manifest import check_against_manifest
-from models.weights.sources import DEFAULT_SOURCES
+from models.weights.sources import DEFAULT_SOURCES, PLACED_FILES
 
 pytestmark = pytest.mark.server
 
@@ -47,12 +47,12 @@ def test_setup_builds_a_missing_folder_and_serves(hub, tmp_path):
 
 def test_an_interrupted_build_is_finished_at_the_next_boot(hub, tmp_path):
     """First boot: the LoRA's repository is missing, so the build stops after fetching SDXL and the VAE. Second
-    boot: only the LoRA's and the safety checker's repositories are there; the build can succeed only by resuming
+    boot: only the LoRA's and the side models' repositories are there; the build can succeed only by resuming
     from the first one's downloads."""
     weights = tmp_path / "model-cache"
     without_lora, only_lora = tmp_path / "hub-without-lora", tmp_path / "hub-only-lora"
     shutil.copytree(hub.root, without_lora, ignore=shutil.ignore_patterns("flash-sdxl"))
-    for repo in (DEFAULT_SOURCES.lora.repo, DEFAULT_SOURCES.safety.repo):
+    for repo in [DEFAULT_SOURCES.lora.repo, *(DEFAULT_SOURCES.named()[name].repo for name in PLACED_FILES)]:
         shutil.copytree(hub.root / repo, only_lora / repo)
 
     first_log = tmp_path / "first.log"

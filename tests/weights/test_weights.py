@@ -24,7 +24,7 @@ from models.weights import load as loading
 from models.weights.build import DownloadError, build_weights
 from models.weights.load import check_folder, load_pipeline
 from models.weights.manifest import MANIFEST_NAME, check_against_manifest, read_manifest
-from models.weights.sources import DEFAULT_SOURCES
+from models.weights.sources import DEFAULT_SOURCES, PLACED_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,6 +62,11 @@ def test_the_build_writes_the_layout_with_the_published_files_unmodified(downloa
         "feature_extractor/preprocessor_config.json",
         "flash-lora/pytorch_lora_weights.safetensors",
         "manifest.json",
+        *(f"map_depth/{n}" for n in ("config.json", "model.safetensors", "preprocessor_config.json")),
+        *(f"map_segmentation/{n}" for n in sorted(
+            ("config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+             "tokenizer_config.json", "vocab.json")
+        )),
         "model_index.json",
         "safety_checker/config.json",
         "safety_checker/model.safetensors",
@@ -139,7 +144,7 @@ def test_a_corrupt_file_is_found_and_fetched_again(weights_copy, hub):
 
     calls = len(hub.calls)
     assert build_weights(weights_copy, fetcher=hub.fetch) is True
-    assert len(hub.calls) == calls + 4
+    assert len(hub.calls) == calls + len(DEFAULT_SOURCES.named())  # every source fetched again
     check_against_manifest(weights_copy, hashes=True)
 
 
@@ -210,7 +215,7 @@ def test_revisions_are_pinnable_and_recorded(tmp_path, hub):
     assert read_manifest(tmp_path / "w").sources["lora"]["revision"] == "0123abc"
     calls = len(hub.calls)
     build_weights(tmp_path / "w", DEFAULT_SOURCES, fetcher=hub.fetch)  # other sources: a rebuild
-    assert len(hub.calls) == calls + 4
+    assert len(hub.calls) == calls + len(DEFAULT_SOURCES.named())
 
 
 def test_an_unreachable_hub_gets_one_clear_line(tmp_path, monkeypatch, capsys):
@@ -279,21 +284,27 @@ def test_serving_needs_no_peft(downloaded):
     assert result.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_a_folder_from_before_the_safety_checker_gains_it_by_fetching_only_the_checker(tmp_path, hub):
+@pytest.mark.parametrize(
+    ("lacking", "message"),
+    [(("safety",), "safety checker"), (("segmentation", "depth"), "map_prompt's CLIPSeg")],
+    ids=["safety-checker", "map-models"],
+)
+def test_a_folder_from_before_a_side_model_gains_it_by_fetching_only_that(tmp_path, hub, lacking, message):
     dest = tmp_path / "model-cache"
-    without_checker = dataclasses.replace(DEFAULT_SOURCES, safety=None)
-    build_weights(dest, without_checker, fetcher=hub.fetch)
-    assert "safety" not in read_manifest(dest).sources
-    with pytest.raises(WeightsError, match=r"has no safety checker .*fetches only what the folder lacks"):
+    build_weights(dest, dataclasses.replace(DEFAULT_SOURCES, **dict.fromkeys(lacking)), fetcher=hub.fetch)
+    assert not set(lacking) & set(read_manifest(dest).sources)
+    with pytest.raises(WeightsError, match=rf"has no {message} .*fetches only what the folder lacks"):
         load_pipeline(dest, torch.device("cpu"), torch.float32)
     unet = dest / "unet" / "diffusion_pytorch_model.safetensors"
     inode, calls = unet.stat().st_ino, len(hub.calls)
 
     assert build_weights(dest, fetcher=hub.fetch) is True
-    assert hub.calls[calls:] == [DEFAULT_SOURCES.safety.repo]  # no 7 GB again
+    assert hub.calls[calls:] == [DEFAULT_SOURCES.named()[name].repo for name in lacking]  # no 7 GB again
     assert unet.stat().st_ino == inode  # the rest of the folder untouched
     manifest = check_against_manifest(dest, hashes=True)
-    assert manifest.sources["safety"]["revision"] == DEFAULT_SOURCES.safety.revision
-    assert {"safety_checker/model.safetensors", "feature_extractor/preprocessor_config.json"} <= set(manifest.files)
-    assert load_pipeline(dest, torch.device("cpu"), torch.float32).safety is not None
+    for name in lacking:
+        assert manifest.sources[name]["revision"] == DEFAULT_SOURCES.named()[name].revision
+        assert set(PLACED_FILES[name].values()) <= set(manifest.files)
+    loaded = load_pipeline(dest, torch.device("cpu"), torch.float32)
+    assert loaded.safety is not None and loaded.segmenter is not None and loaded.depth is not None
     assert build_weights(dest, fetcher=hub.fetch) is False

@@ -29,11 +29,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...inputs import Request, local_file
+from ...inputs import Request
 from ...loras.cache import LoraCache
 from ...pictures.write import OUTPUT_FORMATS, numbered_paths
 from ...service import EditService
 from ...sizing import working_size
+from ...validation import local_file
 from ...weights.load import select_device
 from ..cog_server import RunningServer, data_uri, decode_output, predict, running_cog_server, wait_until_ready
 from ..files import git_commit, write_atomically

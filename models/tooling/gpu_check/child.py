@@ -203,9 +203,15 @@ def measure_task(params: dict[str, Any], progress: Progress) -> None:
     """One measurement of `scripts/measure` on the given weights, its table as JSON."""
     from ..measure.loras import measure_loras
     from ..measure.low_memory import measure_low_memory
+    from ..measure.maps import measure_maps
     from ..measure.safety import measure_safety
 
-    measurements = {"loras": measure_loras, "safety": measure_safety, "low-memory": measure_low_memory}
+    measurements = {
+        "loras": measure_loras,
+        "safety": measure_safety,
+        "maps": measure_maps,
+        "low-memory": measure_low_memory,
+    }
     what, weights = params.pop("what"), Path(params.pop("weights"))
     progress.update(**measurements[what](weights, **params).to_json())
 

@@ -241,5 +241,6 @@ STAGES = (
     Stage("loras", 60, measurement_stage("loras", lora_options), describe_measurement, ("weights",)),
     Stage("loras-every-layer", 45, measurement_stage("loras", every_layer_options), describe_measurement, ("weights",)),
     Stage("safety-checker", 45, measurement_stage("safety", repeat_options), describe_measurement, ("weights",)),
+    Stage("maps", 30, measurement_stage("maps", repeat_options), describe_measurement, ("weights",)),
     Stage("low-memory", 45, measurement_stage("low-memory", eight_gb_card), describe_measurement, ("weights",)),
 )

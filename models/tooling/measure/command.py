@@ -4,6 +4,7 @@
     scripts/measure loras [--weights DIR]        applying, switching and removing user LoRAs; merged against beside
     scripts/measure crop [--weights DIR]         a small edit in a large photo: on a crop against the whole picture
     scripts/measure safety [--weights DIR]       the safety checker's cost per request
+    scripts/measure maps [--weights DIR]         map_prompt's and map_depth's models and the outpainting's fill
     scripts/measure low-memory [--weights DIR]   the low-memory mode on an emulated 8 GB GPU
     scripts/measure heap [--policies ...]        the heap policies: the soak's memory and speed through Cog's server
 
@@ -16,9 +17,17 @@ import sys
 from pathlib import Path
 
 from ...settings import model_cache
-from . import crop, heap, loras, low_memory, safety, setup
+from . import crop, heap, loras, low_memory, maps, safety, setup
 
-MEASUREMENTS = {"setup": setup, "loras": loras, "crop": crop, "safety": safety, "low-memory": low_memory, "heap": heap}
+MEASUREMENTS = {
+    "setup": setup,
+    "loras": loras,
+    "crop": crop,
+    "safety": safety,
+    "maps": maps,
+    "low-memory": low_memory,
+    "heap": heap,
+}
 """Each module gives add_arguments(parser) and run(args) -> Table."""
 
 OWN_FOLDER_FLAGS = ("setup", "heap")

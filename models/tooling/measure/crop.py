@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ... import cropping, maps
+from ... import cropping
 from ...editor import edit_files
 from ...inputs import EditOptions
+from ...maps import shaping
 from ...sizing import WORKING_AREA, working_size
 from ...weights.load import load_pipeline
 from .table import Table
@@ -25,7 +26,7 @@ def measure_crop(weights: Path, width: int = 4000, height: int = 3000, edit: int
     change_map = np.zeros((height, width), np.uint8)
     top, left = (height - edit) // 2, (width - edit) // 2
     change_map[top : top + edit, left : left + edit] = 255
-    crop = cropping.choose_crop(maps.prepare(torch.from_numpy(change_map / 255.0)))
+    crop = cropping.choose_crop(shaping.prepare(torch.from_numpy(change_map / 255.0)))
     whole_size = working_size(width, height)
     table = Table(f"{weights}: {width}x{height}, a {edit}x{edit} edit, working area {WORKING_AREA}")
     whole_density = whole_size[0] * whole_size[1] / (width * height)

@@ -36,12 +36,18 @@ from transformers.utils import logging as transformers_logging
 from ...errors import FolderError, ProjectError
 from ...weights.build import lora_record, make_readable
 from ...weights.manifest import replace_folder, write_manifest
-from ...weights.sources import DEFAULT_SOURCES
+from ...weights.sources import DEFAULT_SOURCES, DEPTH_FOLDER, SEGMENTATION_FOLDER
 from .configs import (
+    BOS_TOKEN,
     CLIP_MEAN,
     CLIP_STD,
+    DEPTH,
+    EOS_TOKEN,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     NEVER_FLAGGED,
     SAFETY_VISION,
+    SEGMENTATION,
     TOKENIZER_2_PAD,
     TOKENIZER_PAD,
     build_tokenizer,
@@ -235,6 +241,67 @@ def write_safety_checker(out: Path, size: str, seed: int, device: torch.device) 
     (out / "feature_extractor" / "preprocessor_config.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
 
 
+def write_map_models(out: Path, size: str, seed: int, device: torch.device) -> None:
+    """Random CLIPSeg and Depth Anything models, their tokenizer and preprocessor configs, in the layout
+    download-weights writes (their published files as they are)."""
+    from transformers import (
+        CLIPSegConfig,
+        CLIPSegForImageSegmentation,
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+    )
+
+    segmentation, depth = SEGMENTATION[size], DEPTH[size]
+    vocab = tiny_vocab()
+    folder = out / SEGMENTATION_FOLDER
+    write_tokenizer_folder(folder, TOKENIZER_PAD)
+    text = {
+        **segmentation["text"],
+        "vocab_size": len(vocab) if size == "tiny" else 49408,
+        "max_position_embeddings": 77,
+        **{f"{kind}_token_id": vocab[token] for kind, token in (("bos", BOS_TOKEN), ("eos", EOS_TOKEN),
+                                                               ("pad", TOKENIZER_PAD))},
+    }  # fmt: skip
+    config = CLIPSegConfig(
+        text_config=text,
+        vision_config=segmentation["vision"],
+        use_complex_transposed_convolution=True,
+        **segmentation["model"],
+    )
+    model = build_random(CLIPSegForImageSegmentation, config, random_pool(seed, torch.float32, device), seed + 1)
+    model.save_pretrained(folder, safe_serialization=True)
+    side = segmentation["input_size"]
+    write_preprocessing(folder, {
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD, "image_processor_type": "ViTImageProcessor", "processor_class": "CLIPSegProcessor",
+        "resample": 2, "rescale_factor": 1 / 255, "size": {"height": side, "width": side},
+    })  # fmt: skip
+    layers = depth["backbone"]["num_hidden_layers"]
+    backbone = Dinov2Config(
+        **depth["backbone"],
+        patch_size=14,
+        reshape_hidden_states=False,
+        out_indices=[layers * quarter // 4 for quarter in (1, 2, 3, 4)],  # as V2 Small: layers 3, 6, 9 and 12
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone, reassemble_hidden_size=backbone.hidden_size, patch_size=14, **depth["model"]
+    )
+    pool = random_pool(seed + 2, torch.float32, device)
+    model = build_random(DepthAnythingForDepthEstimation, config, pool, seed + 3)
+    model.save_pretrained(out / DEPTH_FOLDER, safe_serialization=True)
+    side = depth["input_size"]
+    write_preprocessing(out / DEPTH_FOLDER, {
+        "do_normalize": True, "do_pad": False, "do_rescale": True, "do_resize": True, "ensure_multiple_of": 14,
+        "image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD, "image_processor_type": "DPTImageProcessor",
+        "keep_aspect_ratio": True, "resample": 3, "rescale_factor": 1 / 255, "size": {"height": side, "width": side},
+    })  # fmt: skip
+
+
+def write_preprocessing(folder: Path, preprocessing: dict) -> None:
+    (folder / "preprocessor_config.json").write_text(json.dumps(preprocessing, indent=2) + "\n")
+
+
 CPU = torch.device("cpu")
 
 
@@ -255,6 +322,7 @@ def write_test_weights(target: Path, size: str = "tiny", seed: int = 0, device: 
         write_flash_like_lora(pipeline.unet, out / lora["file"], FLASH_RANK[size], seed * 5 + 5)
         del pipeline
         write_safety_checker(out, size, seed * 5 + 6, device)
+        write_map_models(out, size, seed * 5 + 7, device)
         write_tokenizer_folder(out / "tokenizer", TOKENIZER_PAD)
         write_tokenizer_folder(out / "tokenizer_2", TOKENIZER_2_PAD)
         make_readable(out)

@@ -206,3 +206,42 @@ SAFETY_VISION = {
 """The checker's CLIP vision tower: ViT-L/14 at full size, as CompVis's, and a miniature."""
 NEVER_FLAGGED = 1.5
 """Concept thresholds above any cosine similarity: the random checker flags nothing (tests lower them to flag)."""
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+SEGMENTATION = {
+    "tiny": {
+        "text": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4},
+        "vision": {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4,
+                   "image_size": 32, "patch_size": 16},
+        "model": {"projection_dim": 16, "reduce_dim": 16, "extract_layers": [1], "decoder_num_attention_heads": 2,
+                  "decoder_intermediate_size": 32},
+        "input_size": 64,
+    },
+    "full": {
+        "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        "vision": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+                   "image_size": 224, "patch_size": 16},
+        "model": {"projection_dim": 512, "reduce_dim": 64, "extract_layers": [3, 6, 9],
+                  "decoder_num_attention_heads": 4, "decoder_intermediate_size": 2048},
+        "input_size": 352,
+    },
+}  # fmt: skip
+"""CLIPSeg: rd64-refined's sizes at full size (its vision tower at 224 px, run at 352 with its position embeddings
+interpolated, as the real processor does), and a miniature that runs the same path."""
+
+DEPTH = {
+    "tiny": {
+        "backbone": {"hidden_size": 24, "intermediate_size": 48, "num_hidden_layers": 4, "num_attention_heads": 2,
+                     "image_size": 28},
+        "model": {"neck_hidden_sizes": [8, 16, 24, 24], "fusion_hidden_size": 16, "head_hidden_size": 8},
+        "input_size": 56,
+    },
+    "full": {
+        "backbone": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 12, "num_attention_heads": 6,
+                     "image_size": 518},
+        "model": {"neck_hidden_sizes": [48, 96, 192, 384], "fusion_hidden_size": 64, "head_hidden_size": 32},
+        "input_size": 518,
+    },
+}  # fmt: skip
+"""Depth Anything V2 Small's sizes (a DINOv2 ViT-S/14 backbone and a DPT head), and a miniature."""

@@ -6,8 +6,9 @@ A map is a float tensor (H, W) in [0, 1]: 0 keeps a pixel exactly, 1 regenerates
 import torch
 import torch.nn.functional as F
 
-from .errors import InputError
-from .limits import MAP_ASPECT_TOLERANCE
+from ..errors import InputError
+from ..limits import MAP_ASPECT_TOLERANCE
+from .outpaint import Extension
 
 FEATHER_PX = 8
 """Half-width, in working pixels, of the band over which generated pixels fade into the original."""
@@ -36,27 +37,53 @@ def fit_to_image(change_map: torch.Tensor, width: int, height: int) -> torch.Ten
     return resize_map(change_map, height, width)
 
 
+NEAR_BLACK = 2.5 / 255
+"""Map values below this (0, 1 and 2 of 255) count as black, kept exactly: a JPEG's ringing and a resize's or a
+dither's 1-3 of 255 would otherwise change every pixel a little and stop the crop and the skipped steps."""
+
+
+def black_below_floor(change_map: torch.Tensor) -> torch.Tensor:
+    """Near-black (below NEAR_BLACK) made exactly 0; every other value left as it is."""
+    return torch.where(change_map < NEAR_BLACK, 0.0, change_map)
+
+
 BLUR_TAPS = 16
 """Gaussian taps per side that map_blur computes at most: larger radii run on a map decimated to keep this many."""
 
 
 def prepare(
-    change_map: torch.Tensor, *, invert: bool = False, grow: int = 0, blur: int = 0, strength: float = 1.0
+    change_map: torch.Tensor,
+    *,
+    grow: int = 0,
+    blur: int = 0,
+    strength: float = 1.0,
+    extension: Extension | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A map at the image's size made ready for the edit, in this order: invert (for maps where white = keep), grow
-    the changed area by `grow` pixels, soften its edges with a Gaussian of radius `blur`, scale by strength.
+    """A map at the image's size (inverted already, where asked) made ready for the edit, in this order: make
+    near-black black, grow the canvas by `extension` (the new area 1, a falling ramp along the seam), grow the
+    changed area by `grow` pixels, soften its edges with a Gaussian of radius `blur`, hold back what `keep` names
+    (0 to 1 at the image's size: map_negative_prompt), scale by strength; the extension's new area is 1 whatever
+    came before, since it has no pixels to keep.
 
-    Grow and blur come after inversion, so they always act on the area that changes, and before strength, so that
-    strength scales the softened map like any other. A pixel farther than grow + blur (+ blur / 8) from every
+    The canvas comes after the floor, so its seam is not floored away; grow and blur after both, so they always act
+    on the area that changes; `keep` after them, so what it names is kept however far they reach; strength last, so
+    that it scales the softened map like any other. A pixel farther than grow + blur (+ blur / 8) from every
     changed pixel stays exactly 0, so it is kept exactly.
     """
-    if invert:
-        change_map = 1.0 - change_map
+    change_map = black_below_floor(change_map)
+    if extension is not None:
+        change_map = extension.canvas_map(change_map)
     if grow > 0:
         change_map = _separable_pool(change_map.contiguous(), grow, F.max_pool1d)
     if blur > 0:
         change_map = gaussian_blur(change_map, blur)
-    return change_map * strength
+    if keep is not None:
+        change_map = change_map * (1.0 - (keep if extension is None else extension.on_canvas(keep)))
+    change_map = change_map * strength
+    if extension is not None:
+        change_map = torch.maximum(change_map, extension.new_area())
+    return change_map
 
 
 def _gaussian_rows(change_map: torch.Tensor, radius: int) -> torch.Tensor:

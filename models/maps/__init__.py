@@ -1,0 +1,1 @@
+"""Change maps: shaping them, and making them from a file, the picture's transparency or a larger canvas."""
