@@ -97,10 +97,13 @@ def _read_and_edit(
         image = pixels[crop.top : crop.bottom, crop.left : crop.right]
         region = change_map[crop.top : crop.bottom, crop.left : crop.right]
     log.info("seed: %d", options.seed)
+    accelerator = pipeline.accelerator
     if options.guidance_scale > GUIDANCE_WARNING:
-        log.warning(
-            "guidance_scale %g: Flash-SDXL is trained without guidance; high scales burn", options.guidance_scale
-        )
+        log.warning("guidance_scale %g: %s is trained without guidance; high scales burn", options.guidance_scale,
+                    accelerator.title)  # fmt: skip
+    if options.steps not in accelerator.trained_steps:
+        log.warning("steps %d: %s is made for %s steps; other counts give softer or noisier pictures", options.steps,
+                    accelerator.title, accelerator.trained_for)  # fmt: skip
     request = EditRequest(
         image=np.ascontiguousarray(image),
         change_map=region.contiguous().numpy(),

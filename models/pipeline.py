@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
 
 from . import sampler
+from .accelerators import ACCELERATORS, DEFAULT_ACCELERATOR, Accelerator
 from .errors import NumericError
 from .loras.merge import LoraMerger
 from .loras.tokens import TokenEmbeddings
@@ -110,6 +111,8 @@ class DifferentialDiffusionPipeline:
         self.offload_hooks: list = []
         """accelerate's model-offload hooks in the low-memory mode (models/acceleration.py: save_memory)."""
         self.safety: SafetyChecker | None = None
+        self.accelerator: Accelerator = ACCELERATORS[DEFAULT_ACCELERATOR]
+        """The few-step LoRA fused at load, whose step rule the sampler runs."""
         self.segmenter: TextSegmenter | None = None
         """map_prompt's CLIPSeg."""
         self.depth: DepthEstimator | None = None
@@ -139,7 +142,7 @@ class DifferentialDiffusionPipeline:
         height, width = request.change_map.shape
         watch = Stopwatch(self.device)
         max_strength = float(request.change_map.max(initial=0.0))
-        schedule = sampler.Schedule.from_scheduler(self.scheduler, request.steps)
+        schedule = sampler.Schedule.from_scheduler(self.scheduler, request.steps, **self.accelerator.step_rule)
         start = sampler.first_active_step(max_strength, schedule)
         if start is None:
             log.info("map is all black: returning the input unchanged")

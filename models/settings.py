@@ -43,10 +43,13 @@ LORA_DOWNLOAD_TIMEOUT = Setting(
 )
 ALLOW_PRIVATE_LORA_HOSTS = Setting("ALLOW_PRIVATE_LORA_HOSTS", "0", "1: fetch LoRAs from private addresses too")
 HF_ENDPOINT = Setting("HF_ENDPOINT", "https://huggingface.co", "the Hugging Face Hub's address")
+ACCELERATOR = Setting(
+    "ACCELERATOR", "", "flash, lightning or tcd: the few-step LoRA to fuse, among those the weights folder holds"
+)
 
 SETTINGS = (
     MODEL_CACHE, VERIFY_WEIGHTS, WEIGHTS_SNAPSHOTS, HF_HUB_OFFLINE, COMPILE, LOW_VRAM, HEAP_POLICY, LORA_CACHE,
-    LORA_CACHE_MAX, LORA_CACHE_MIN_FREE, LORA_DOWNLOAD_TIMEOUT, ALLOW_PRIVATE_LORA_HOSTS, HF_ENDPOINT,
+    LORA_CACHE_MAX, LORA_CACHE_MIN_FREE, LORA_DOWNLOAD_TIMEOUT, ALLOW_PRIVATE_LORA_HOSTS, HF_ENDPOINT, ACCELERATOR,
 )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from diffusers.utils import logging as diffusers_logging
 
+from ..accelerators import ACCELERATORS, DEFAULT_ACCELERATOR
 from ..errors import ProjectError
 from ..settings import model_cache
 from ..weights.build import build_weights, hashing_bar
@@ -37,6 +38,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--dest", type=Path, default=model_cache(), help="weights folder (default: $MODEL_CACHE or model-cache)"
     )
+    parser.add_argument(
+        "--accelerator", choices=tuple(ACCELERATORS), default=DEFAULT_ACCELERATOR,
+        help="the few-step LoRA the folder carries: " + "; ".join(
+            f"{name}: {accelerator.title} ({accelerator.licence})" for name, accelerator in ACCELERATORS.items()
+        ),
+    )  # fmt: skip
     for name, source in DEFAULT_SOURCES.named().items():
         parser.add_argument(f"--{name}-revision", metavar="R", help=f"commit, tag or branch of {source.repo}")
     parser.add_argument("--downloads", type=Path, help="hub cache for the downloads (default: DEST.downloads)")
@@ -54,7 +61,8 @@ def check(folder: Path) -> None:
 
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
-    sources = DEFAULT_SOURCES.pinned(**{name: getattr(args, f"{name}_revision") for name in DEFAULT_SOURCES.named()})
+    revisions = {name: getattr(args, f"{name}_revision") for name in DEFAULT_SOURCES.named()}
+    sources = DEFAULT_SOURCES.with_accelerator(args.accelerator).pinned(**revisions)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     diffusers_logging.set_verbosity_error()
     try:

@@ -3,6 +3,7 @@
     python scripts/edit --prompt "a dramatic sunset sky" --image photo.jpg --map map.png [--out edited.webp]
     python scripts/edit ... --num-outputs 4 --out outputs/sky/          # several outputs: a folder
     python scripts/edit ... --low-vram                                  # for GPUs of 8-12 GB
+    python scripts/edit ... --accelerator tcd                           # another few-step LoRA the folder holds
 
 Every input of the predictor is a flag of the same name (dashes for underscores), made from the table of inputs
 (models/inputs.py) and validated by it, so a bad value gets the predictor's own one-line message, and exit status 2.
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import settings
+from ..accelerators import ACCELERATORS
 from ..errors import ProjectError
 from ..inputs import INPUTS, REQUIRED, Input, Request
 from ..loras.cache import LoraCache
@@ -72,6 +74,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     run.add_argument("--weights", type=Path, default=None, help="weights folder (default: $MODEL_CACHE or model-cache)")
     run.add_argument("--device", default="auto", help="auto, cuda or cpu")
     run.add_argument("--low-vram", action="store_true", help="model offload and VAE tiling, for 8-12 GB GPUs")
+    run.add_argument("--accelerator", choices=tuple(ACCELERATORS), default=None,
+                     help="the few-step LoRA to use, among those the weights folder holds (default: $ACCELERATOR, else"
+                          " the one it was built with)")  # fmt: skip
     run.add_argument("--quiet", action="store_true", help="no log or progress bars: only the paths written")
     return parser.parse_args(argv)
 
@@ -151,7 +156,7 @@ def main(argv: list[str]) -> int:
             cache = LoraCache(None if settings.folder(settings.LORA_CACHE) else beside_weights)
             service = EditService.start(
                 weights, lora_cache=cache, allow_lora_paths=True, device=device, dtype=dtype,
-                low_vram=args.low_vram or None, on_loaded=progress.loaded,
+                low_vram=args.low_vram or None, on_loaded=progress.loaded, accelerator=args.accelerator,
             )  # fmt: skip
 
             def paths(count: int, output_format: str) -> list[Path]:

@@ -42,6 +42,7 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import tqdm
 
 from .. import settings
+from ..accelerators import ACCELERATORS, DEFAULT_ACCELERATOR
 from ..errors import DownloadError, WeightsError
 from .manifest import (
     MANIFEST_NAME,
@@ -54,7 +55,7 @@ from .manifest import (
     summarize,
     write_manifest,
 )
-from .sources import DEFAULT_SOURCES, LORA_FOLDER, PLACED_FILES, Source, Sources
+from .sources import ADDABLE, DEFAULT_SOURCES, Source, Sources, placed_files
 
 log = logging.getLogger(__name__)
 
@@ -198,21 +199,24 @@ def write_scheduler(source: Path, target: Path) -> None:
 
 
 def lora_record(sources: Sources) -> dict[str, Any]:
-    """The manifest's note of the LoRA that loading fuses, and at which scale."""
-    return {"file": f"{LORA_FOLDER}/{sources.lora_weight_name}", "scale": sources.lora_scale}
+    """The manifest's note of the LoRA that loading fuses, at which scale, and which accelerator it is (left out for
+    Flash-SDXL, the default, as folders from before the choice have it)."""
+    accelerator = ACCELERATORS[sources.accelerator]
+    record = {"file": f"{accelerator.folder}/{sources.lora_weight_name}", "scale": sources.lora_scale}
+    return record | ({"accelerator": accelerator.name} if accelerator.name != DEFAULT_ACCELERATOR else {})
 
 
 def place_model(out: Path, name: str, snapshot: Snapshot) -> list[str]:
-    """A model beside the pipeline (PLACED_FILES: the safety checker, the map models), its files as published;
-    returns their paths in the folder."""
-    for published, placed in PLACED_FILES[name].items():
+    """A source the folder can gain in place (the safety checker, the map models, another accelerator's LoRA), its
+    files as published; returns their paths in the folder."""
+    for published, placed in placed_files(name).items():
         link_or_copy(snapshot.folder / published, out / placed)
-    return list(PLACED_FILES[name].values())
+    return list(placed_files(name).values())
 
 
 def build_folder(out: Path, snapshots: dict[str, Snapshot], sources: Sources) -> None:
     """Write the weights folder's layout from the fetched files."""
-    for name in PLACED_FILES.keys() & snapshots.keys():
+    for name in ADDABLE & snapshots.keys():
         place_model(out, name, snapshots[name])
     sdxl = snapshots["sdxl"].folder
     for source_name, target_name in SDXL_FILES_AS_IS.items():
@@ -240,6 +244,29 @@ def hashing_bar(total: int) -> tqdm:
     return tqdm(total=total, desc="sha256", unit="B", unit_scale=True, unit_divisor=1024)
 
 
+def keeping_accelerators(dest: Path, sources: Sources) -> Sources:
+    """The sources a folder is checked and completed against: the requested ones, with the accelerator the folder
+    was built with kept as its default and every accelerator LoRA it holds kept, so that asking for another
+    accelerator adds its LoRA (a few hundred MB) beside the others instead of building the folder again (8 GB)."""
+    try:
+        manifest = read_manifest(dest)
+    except (WeightsError, OSError):
+        return sources
+    if manifest.lora is None or "lora" not in manifest.sources:
+        return sources
+    default = manifest.lora.get("accelerator", DEFAULT_ACCELERATOR)
+    kept = sources
+    if default != sources.accelerator:
+        built = manifest.sources["lora"]
+        kept = sources.with_accelerator(default)
+        kept = replace(kept, lora=replace(kept.lora, revision=built.get("revision", kept.lora.revision)))
+    extras = {name: Source(ACCELERATORS[name].repo, record.get("revision", "main"), (ACCELERATORS[name].weight_name,))
+              for name, record in manifest.sources.items() if name in ACCELERATORS}  # fmt: skip
+    if default != sources.accelerator:
+        extras[sources.accelerator] = sources.lora
+    return replace(kept, extras=tuple(sorted(extras.items())))
+
+
 def missing_sources(dest: Path, sources: Sources) -> list[str] | None:
     """What a folder lacks: [] when it was built from these sources in this version's layout and every file matches
     its sha256; the names of sources it was built without (the safety checker or the map models, for folders from
@@ -260,12 +287,12 @@ def missing_sources(dest: Path, sources: Sources) -> list[str] | None:
         log.info("%s was built from other sources or settings; rebuilding it", dest)
         return None
     missing = [name for name in wanted if name not in built_from]
-    if not set(missing) <= PLACED_FILES.keys():  # sources a folder can gain in place
+    if not set(missing) <= ADDABLE:
         log.info("%s lacks %s; rebuilding it", dest, ", ".join(missing))
         return None
     with hashing_bar(sum(record.size for record in manifest.files.values())) as bar:
         problems = find_problems(dest, manifest, hashes=True, progress=bar.update)
-    placed = {path for name in missing for path in PLACED_FILES[name].values()}
+    placed = {path for name in missing for path in placed_files(name).values()}
     problems = [problem for problem in problems if problem.removeprefix("unlisted file ") not in placed]
     if problems:
         log.info("%s does not match its manifest (%s); rebuilding it", dest, summarize(problems))
@@ -327,6 +354,7 @@ def build_weights(
     dest = dest.absolute()
     downloads = (downloads or downloads_folder(dest)).absolute()
     started = time.perf_counter()
+    sources = keeping_accelerators(dest, sources)
     missing = missing_sources(dest, sources)
     if missing == []:
         log.info("%s is complete and matches its manifest (%.1fs); nothing to do", dest, time.perf_counter() - started)

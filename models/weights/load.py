@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .. import settings
 from ..acceleration import compile_and_warm_up, save_memory, speed_up
+from ..accelerators import ACCELERATORS, DEFAULT_ACCELERATOR, Accelerator
 from ..errors import DownloadError, InputError, WeightsError
 from ..loras.formats import LoraError, read_lora
 from ..loras.merge import fuse
@@ -155,20 +156,40 @@ def keeps_float32_modules(model_class: type) -> bool:
     return bool(getattr(model_class, "_keep_in_fp32_modules", None))
 
 
-def fuse_flash_lora(unet: torch.nn.Module, folder: Path, manifest: Manifest, dtype: torch.dtype) -> float:
-    """Fuse the folder's LoRA into the UNet, from the stored weights, rounding once to the target dtype; the seconds
-    it took."""
-    if manifest.lora is None:
+def choose_accelerator(manifest: Manifest, folder: Path, requested: str | None) -> tuple[Accelerator, dict | None]:
+    """The accelerator to fuse and its LoRA record: the one asked for (the argument, else $ACCELERATOR) among those
+    the folder holds, else the one it was built with (its manifest's LoRA record says; Flash-SDXL when it does not,
+    as in folders from before the choice)."""
+    default = (manifest.lora or {}).get("accelerator", DEFAULT_ACCELERATOR)
+    name = (requested or settings.ACCELERATOR.text() or default).strip().lower()
+    if name not in ACCELERATORS:
+        raise InputError(f"accelerator: must be one of {', '.join(ACCELERATORS)}, got {name!r}")
+    accelerator = ACCELERATORS[name]
+    if name == default:
+        return accelerator, manifest.lora
+    record = {"file": f"{accelerator.folder}/{accelerator.weight_name}", "scale": 1.0}
+    if record["file"] not in manifest.files:
+        raise WeightsError(
+            f"{folder.resolve()} has no {accelerator.title} LoRA: run `{DOWNLOAD_COMMAND} --accelerator {name}`,"
+            " which fetches only that"
+        )
+    return accelerator, record
+
+
+def fuse_accelerator_lora(unet: torch.nn.Module, folder: Path, record: dict | None, dtype: torch.dtype) -> float:
+    """Fuse the accelerator's LoRA (its record: file and scale) into the UNet, from the stored weights, rounding once
+    to the target dtype; the seconds it took."""
+    if record is None:
         return 0.0
     started = time.perf_counter()
     try:
         targets = Targets.of({"unet": unet})
-        updates = read_lora(folder / manifest.lora["file"], targets).updates
+        updates = read_lora(folder / record["file"], targets).updates
     except LoraError as error:
-        raise WeightsError(f"{manifest.lora['file']} in {folder.resolve()}: {error}") from None
-    fuse(targets, updates, float(manifest.lora["scale"]), dtype)
+        raise WeightsError(f"{record['file']} in {folder.resolve()}: {error}") from None
+    fuse(targets, updates, float(record["scale"]), dtype)
     seconds = time.perf_counter() - started
-    log.info("fused %s (%d layers) in %.2fs", manifest.lora["file"], len(updates), seconds)
+    log.info("fused %s (%d layers) in %.2fs", record["file"], len(updates), seconds)
     return seconds
 
 
@@ -179,19 +200,23 @@ def load_pipeline(
     build_missing: bool = True,
     low_vram: bool | None = None,
     on_loaded: Callable[[str], None] | None = None,
+    accelerator: str | None = None,
 ) -> DifferentialDiffusionPipeline:
     """Load every component from safetensors straight onto the device, in the target dtype, logging each one's time.
 
     build_missing: build a missing or damaged folder first, when the Hub can be reached. low_vram: the low-memory
     mode (None: as $LOW_VRAM says, or when the GPU lacks the memory); on a GPU the models then load on the CPU in
     fp16 (their stored dtype: no cast) and move to the GPU one at a time. on_loaded is told each component's name
-    as it is loaded (progress bars). The seconds of each stage are kept in the pipeline's setup_timings.
+    as it is loaded (progress bars). accelerator: the few-step LoRA to fuse among those the folder holds (None: as
+    $ACCELERATOR says, else the one the folder was built with). The seconds of each stage are kept in the pipeline's
+    setup_timings.
     """
     setup_started = time.perf_counter()
     folder = Path(folder) if folder is not None else settings.model_cache()
     if device is None or dtype is None:
         device, dtype = select_device()
     manifest = prepare_folder(folder, build_missing)
+    accelerator, lora = choose_accelerator(manifest, folder, accelerator)
     timings = {"check_folder": time.perf_counter() - setup_started}
     offload = choose_low_vram(device, manifest, low_vram)
     if offload and device.type == "cuda":
@@ -211,7 +236,7 @@ def load_pipeline(
             local_files_only=True,
         )
         if name == "unet":
-            timings["fuse_lora"] = fuse_flash_lora(model, folder, manifest, dtype)
+            timings["fuse_lora"] = fuse_accelerator_lora(model, folder, lora, dtype)
         # nn.Module.to: ModelMixin.to warns about float32-kept modules on every cast, even when there are none.
         components[name] = torch.nn.Module.to(model, load_device, dtype).eval().requires_grad_(False)
         timings[name] = time.perf_counter() - loaded_at
@@ -231,6 +256,11 @@ def load_pipeline(
         time.perf_counter() - started,
     )
     pipeline = DifferentialDiffusionPipeline(sdxl, device, dtype)
+    pipeline.accelerator = accelerator
+    default = (manifest.lora or {}).get("accelerator", DEFAULT_ACCELERATOR)
+    lora_source = manifest.sources.get("lora" if accelerator.name == default else accelerator.name)
+    origin = f" ({lora_source['repo']} at {lora_source.get('commit', lora_source['revision'])})" if lora_source else ""
+    log.info("accelerator: %s%s, licence %s", pipeline.accelerator.title, origin, pipeline.accelerator.licence)
     stage_started = time.perf_counter()
     pipeline.safety = SafetyChecker.load(folder, load_device, dtype, device)
     timings["safety_checker"] = time.perf_counter() - stage_started

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..accelerators import ACCELERATORS, DEFAULT_ACCELERATOR
+
 DOWNLOAD_COMMAND = "python scripts/download-weights"
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
-LORA_FOLDER = "flash-lora"
-"""Where the Flash-SDXL LoRA file lies in the weights folder, unmodified (its licence allows no adaptation)."""
+LORA_WEIGHT_NAME = ACCELERATORS[DEFAULT_ACCELERATOR].weight_name
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,17 @@ class Sources:
     depth: Source | None = None
     lora_weight_name: str = LORA_WEIGHT_NAME
     lora_scale: float = 1.0
+    accelerator: str = DEFAULT_ACCELERATOR
+    """Which few-step LoRA `lora` is (models/accelerators.py): the folder's default, fused unless another is chosen."""
+    extras: tuple[tuple[str, Source], ...] = ()
+    """Other accelerators' LoRAs the folder holds beside it, by accelerator name."""
+
+    def with_accelerator(self, name: str) -> Sources:
+        """The same sources with another accelerator's LoRA, from its repository's main branch (resolved and
+        recorded in the manifest; --lora-revision pins it)."""
+        accelerator = ACCELERATORS[name]
+        lora = Source(accelerator.repo, "main", (accelerator.weight_name,))
+        return replace(self, lora=lora, lora_weight_name=accelerator.weight_name, accelerator=name)
 
     def pinned(self, **revisions: str | None) -> Sources:
         """The same sources with the given revisions (by source name: sdxl=..., safety=...) in place of the defaults."""
@@ -46,7 +57,7 @@ class Sources:
     def named(self) -> dict[str, Source]:
         named = {"sdxl": self.sdxl, "vae": self.vae, "lora": self.lora}
         extras = {"safety": self.safety, "segmentation": self.segmentation, "depth": self.depth}
-        return named | {name: source for name, source in extras.items() if source is not None}
+        return named | {name: source for name, source in extras.items() if source is not None} | dict(self.extras)
 
 
 SDXL_FILES = (
@@ -115,6 +126,19 @@ PLACED_FILES = {
 }
 """The models beside the pipeline, by source name, and where each published file goes. Each is a few files of its
 own that nothing else depends on, so a folder built without one gains it in place (stored as published, float32)."""
+
+
+def placed_files(name: str) -> dict[str, str]:
+    """Where a source that a folder can gain in place puts its files: a model beside the pipeline, or another
+    accelerator's LoRA (in its own folder, unmodified)."""
+    if name in PLACED_FILES:
+        return PLACED_FILES[name]
+    accelerator = ACCELERATORS[name]
+    return {accelerator.weight_name: f"{accelerator.folder}/{accelerator.weight_name}"}
+
+
+ADDABLE = {*PLACED_FILES, *ACCELERATORS}
+"""The sources a complete folder can gain in place, fetching only them."""
 
 PLACED_NAMES = {
     "safety": "safety checker",

@@ -181,3 +181,15 @@ def test_the_map_reaches_the_pipeline_prepared_in_order(pipeline, tmp_path, monk
     edit_files(pipeline, image, change_map, options(invert_map=True, map_grow=6, map_blur=4, strength=0.5, steps=1))
     expected = shaping.prepare(1.0 - torch.from_numpy(read_map(change_map)), grow=6, blur=4, strength=0.5)
     assert np.array_equal(requests[0].change_map, expected.numpy())
+
+
+def test_steps_outside_the_accelerator_s_own_counts_are_warned(pipeline, tmp_path, caplog):
+    image = save(tmp_path / "image.png", photo(64, 48))
+    change_map = save(tmp_path / "map.png", right_half(64, 48))
+    with caplog.at_level(logging.WARNING):
+        edit_files(pipeline, image, change_map, options(steps=2))
+    assert "steps 2: Flash-SDXL is made for 4 steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        edit_files(pipeline, image, change_map, options(steps=4))
+    assert "is made for" not in caplog.text

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from diffusers import LCMScheduler
+from diffusers import EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
 from models import sampler
 
@@ -131,3 +131,101 @@ def test_amount_of_change_grows_steadily_with_the_map_value():
 def test_guidance_at_scale_one_is_the_conditional_prediction():
     uncond, cond = torch.randn(3), torch.randn(3)
     torch.testing.assert_close(sampler.guide(uncond, cond, 1.0), cond)
+
+
+# --- The accelerators' step rules ------------------------------------------------------------------------------
+
+
+RULES = {
+    "lightning": {"renoise": "implied", "lcm_scalings": False},
+    "tcd": {"renoise": "mixed", "lcm_scalings": False, "lcm_grid": True, "gamma": 0.3},
+}
+
+
+def rule_schedule(name: str, steps: int = 4) -> sampler.Schedule:
+    return sampler.Schedule.from_scheduler(make_scheduler(), steps, **RULES[name]) if name != "flash" else schedule()
+
+
+@pytest.mark.parametrize("steps", range(1, 9))
+def test_tcd_runs_at_the_timesteps_diffusers_tcd_scheduler_picks(steps):
+    scheduler = TCDScheduler(**SDXL_BETAS, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    assert sampler.lcm_grid_timesteps(steps) == tuple(scheduler.timesteps.tolist())
+
+
+def test_lightning_at_full_weight_is_diffusers_trailing_euler_img2img():
+    """Euler on an epsilon model steps in sigma space; the implied-noise step is the same step in alpha space, so
+    the two agree to float32 rounding (not bitwise: different arithmetic)."""
+    steps, shape = 4, (2, 4, 8, 8)
+    original = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    noises = draw_noises(shape, steps)
+    ours = sampler.sample(
+        toy_noise_predictor, original, noises, rule_schedule("lightning"), torch.ones(steps, 1, 1, 8, 8)
+    )
+
+    scheduler = EulerDiscreteScheduler(**SDXL_BETAS, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    assert tuple(int(t) for t in scheduler.timesteps) == rule_schedule("lightning").timesteps
+    latents = scheduler.add_noise(original, noises[0], scheduler.timesteps[:1])
+    for index, timestep in enumerate(scheduler.timesteps):
+        noise = toy_noise_predictor(scheduler.scale_model_input(latents, timestep), index)
+        latents = scheduler.step(noise, timestep, latents).prev_sample
+    torch.testing.assert_close(ours, latents, rtol=1e-4, atol=1e-4)
+
+
+def test_tcd_at_full_weight_is_diffusers_tcd_img2img_up_to_its_last_noise():
+    """The same fresh noise from the same generator at every step. diffusers' last TCD step returns the estimate
+    noised to timestep 0 (sqrt(a_0) x0 + sqrt(1 - a_0) eps, a_0 = 0.99915: 2.9% of the noise left in); the sampler
+    returns x0 itself, which is what the comparison takes from diffusers' last step."""
+    steps, shape = 4, (2, 4, 8, 8)
+    original = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    ours = sampler.sample(
+        toy_noise_predictor, original, draw_noises(shape, steps), rule_schedule("tcd"), torch.ones(steps, 1, 1, 8, 8)
+    )
+    scheduler = TCDScheduler(**SDXL_BETAS, timestep_spacing="trailing")
+    scheduler.set_timesteps(steps)
+    generator = torch.Generator().manual_seed(0)
+    latents = scheduler.add_noise(original, torch.randn(shape, generator=generator), scheduler.timesteps[:1])
+    for index, timestep in enumerate(scheduler.timesteps):
+        noise = toy_noise_predictor(latents, index)
+        latents = scheduler.step(noise, timestep, latents, eta=0.3, generator=generator).prev_sample
+    alpha_0 = float(scheduler.alphas_cumprod[0])
+    clean = (latents - (1 - alpha_0) ** 0.5 * noise) / alpha_0**0.5
+    torch.testing.assert_close(ours, clean, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["flash", "lightning", "tcd"])
+def test_every_rule_keeps_zero_weight_exact_and_skipping_changes_nothing(name):
+    steps, shape = 4, (1, 4, 8, 8)
+    plan, original, noises = rule_schedule(name), torch.randn(shape), draw_noises(shape, steps)
+    assert torch.equal(sampler.sample(toy_noise_predictor, original, noises, plan, torch.zeros(steps, 1, 1, 8, 8)),
+                       original)  # fmt: skip
+    weights = sampler.blend_weights(torch.full((8, 8), 0.3), plan)
+    start = sampler.first_active_step(0.3, plan)
+    assert start == 2
+    full = sampler.sample(toy_noise_predictor, original, noises, plan, weights, 0)
+    assert torch.equal(full, sampler.sample(toy_noise_predictor, original, noises, plan, weights, start))
+
+
+@pytest.mark.parametrize("name", ["lightning", "tcd"])
+def test_a_kept_pixel_s_latents_stay_the_noised_original(name):
+    """Zero weight: what the model sees at each step is the original at that step's noise level (unit variance
+    noise, the same as the fresh-noise rule's), so the pixels beside it are denoised in a consistent picture."""
+    steps, shape = 4, (1, 4, 64, 64)
+    plan, original = rule_schedule(name), torch.randn(shape)
+    seen = []
+
+    def recording_predictor(latents, step):
+        seen.append(latents.clone())
+        return torch.randn(latents.shape, generator=torch.Generator().manual_seed(step))
+
+    sampler.sample(recording_predictor, original, draw_noises(shape, steps), plan, torch.zeros(steps, 1, 1, 64, 64))
+    for latents, alpha in zip(seen, plan.alpha_bars, strict=True):
+        noise = (latents - alpha**0.5 * original) / (1 - alpha) ** 0.5
+        assert abs(noise.std().item() - 1) < 0.05 and abs(noise.mean().item()) < 0.05
+
+
+@pytest.mark.parametrize("name", ["lightning", "tcd"])
+def test_every_rule_s_weights_are_continuous_at_four_steps(name):
+    weights = sampler.blend_weights(torch.tensor([0.30, 0.35]), rule_schedule(name))
+    assert not torch.equal(weights[:, 0], weights[:, 1])

@@ -10,6 +10,8 @@ from pathlib import Path
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from models.accelerators import ACCELERATORS
+from models.tooling.random_weights.build import LORA_LAYOUTS
 from models.weights.build import Snapshot
 from models.weights.sources import DEFAULT_SOURCES, PLACED_FILES, Source
 from tests.support.loras import lora_tensors, random_lora
@@ -95,10 +97,11 @@ def build_hub(root: Path, tiny: Path) -> dict:
     write_file(vae / "sdxl_vae.safetensors", (tiny / "vae" / "diffusion_pytorch_model.safetensors").read_bytes())
     unet = UNet2DConditionModel.from_pretrained(tiny, subfolder="unet")
     lora = random_lora(unet)
-    lora_repo = root / DEFAULT_SOURCES.lora.repo
-    lora_repo.mkdir(parents=True)
-    save_file(lora_tensors(lora, "peft"), lora_repo / DEFAULT_SOURCES.lora_weight_name)
-    write_file(lora_repo / "README.md", "Flash-SDXL")
+    for accelerator in ACCELERATORS.values():  # the same random LoRA in each accelerator's repository and layout
+        repo = root / accelerator.repo
+        repo.mkdir(parents=True)
+        save_file(lora_tensors(lora, LORA_LAYOUTS[accelerator.name]), repo / accelerator.weight_name)
+        write_file(repo / "README.md", accelerator.title)
     for name, files in PLACED_FILES.items():
         repo = root / DEFAULT_SOURCES.named()[name].repo
         for published, placed in files.items():

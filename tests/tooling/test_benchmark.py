@@ -18,6 +18,7 @@ from models.tooling.benchmark.baseline import baseline_lora, load_diffusers, pla
 from models.tooling.benchmark.report import SERVER_TARGET
 from models.tooling.cog_server import QuietHandler, RunningServer, serving_in_thread
 from models.tooling.measuring import paired_speedups, weight_bytes
+from models.weights.manifest import read_manifest
 from tests.support.unet import unet_inputs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,3 +155,9 @@ def test_baseline_loads_the_folders_lora_unfused_around_our_untouched_weights(pi
     assert adapted and all(re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name) for name in adapted)
     assert not any(hasattr(module, "lora_A") for module in pipeline.unet.modules())
     assert sdxl.unet.conv_in.weight.data_ptr() == pipeline.unet.conv_in.weight.data_ptr()
+
+
+def test_the_benchmark_s_weights_carry_the_accelerator_asked_for(tmp_path):
+    folder = run.ensure_weights(tmp_path / "bench", "tiny", "tcd")
+    assert read_manifest(folder).lora["accelerator"] == "tcd"
+    assert run.parse_args(["--accelerator", "lightning"]).accelerator == "lightning"

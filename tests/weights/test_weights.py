@@ -5,6 +5,7 @@ load, re-runs, refusals) runs for real."""
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -17,8 +18,9 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError
 from safetensors.torch import load_file
 
+from models.accelerators import ACCELERATORS
 from models.commands import download_weights as download
-from models.errors import WeightsError
+from models.errors import InputError, WeightsError
 from models.weights import build as weights_build
 from models.weights import load as loading
 from models.weights.build import DownloadError, build_weights
@@ -308,3 +310,51 @@ def test_a_folder_from_before_a_side_model_gains_it_by_fetching_only_that(tmp_pa
     loaded = load_pipeline(dest, torch.device("cpu"), torch.float32)
     assert loaded.safety is not None and loaded.segmenter is not None and loaded.depth is not None
     assert build_weights(dest, fetcher=hub.fetch) is False
+
+
+@pytest.mark.parametrize("name", ["lightning", "tcd"])
+def test_a_folder_built_with_another_accelerator_carries_its_lora_and_step_rule(tmp_path, hub, name, caplog):
+    args = download.parse_args(["--dest", str(tmp_path / "w"), "--accelerator", name])
+    assert args.accelerator == name
+    accelerator = ACCELERATORS[name]
+    build_weights(tmp_path / "w", DEFAULT_SOURCES.with_accelerator(name), fetcher=hub.fetch)
+    manifest = check_against_manifest(tmp_path / "w", hashes=True)
+    assert manifest.lora == {"file": f"{name}-lora/{accelerator.weight_name}", "scale": 1.0, "accelerator": name}
+    assert manifest.sources["lora"]["repo"] == accelerator.repo
+    assert not (tmp_path / "w" / "flash-lora").exists()
+    with caplog.at_level(logging.INFO):
+        loaded = load_pipeline(tmp_path / "w", torch.device("cpu"), torch.float32)
+    assert loaded.accelerator is accelerator
+    assert f"accelerator: {accelerator.title} ({accelerator.repo} at " in caplog.text
+    assert accelerator.licence in caplog.text
+
+
+def test_a_flash_folder_s_manifest_is_as_before_the_choice(downloaded):
+    """Folders built before accelerators could be chosen have no accelerator in their LoRA record: still Flash."""
+    assert "accelerator" not in read_manifest(downloaded).lora
+    assert load_pipeline(downloaded, torch.device("cpu"), torch.float32).accelerator.name == "flash"
+
+
+def test_another_accelerator_is_added_beside_the_first_and_chosen_at_load(tmp_path, hub, monkeypatch):
+    """download-weights --accelerator tcd on a Flash folder fetches only TCD's LoRA; the folder keeps Flash as its
+    default, and $ACCELERATOR (or load_pipeline's argument, scripts/edit --accelerator) picks among the two."""
+    dest = tmp_path / "w"
+    build_weights(dest, fetcher=hub.fetch)
+    unet, calls = dest / "unet" / "diffusion_pytorch_model.safetensors", len(hub.calls)
+    inode = unet.stat().st_ino
+    assert build_weights(dest, DEFAULT_SOURCES.with_accelerator("tcd"), fetcher=hub.fetch) is True
+    assert hub.calls[calls:] == [ACCELERATORS["tcd"].repo] and unet.stat().st_ino == inode
+    manifest = check_against_manifest(dest, hashes=True)
+    assert "accelerator" not in manifest.lora and manifest.sources["tcd"]["repo"] == ACCELERATORS["tcd"].repo
+    assert build_weights(dest, fetcher=hub.fetch) is False  # the plain command keeps the extra LoRA
+    assert build_weights(dest, DEFAULT_SOURCES.with_accelerator("tcd"), fetcher=hub.fetch) is False
+
+    cpu = (torch.device("cpu"), torch.float32)
+    assert load_pipeline(dest, *cpu).accelerator.name == "flash"
+    assert load_pipeline(dest, *cpu, accelerator="tcd").accelerator.name == "tcd"
+    monkeypatch.setenv("ACCELERATOR", "tcd")
+    assert load_pipeline(dest, *cpu).accelerator.name == "tcd"
+    with pytest.raises(WeightsError, match=r"has no SDXL-Lightning LoRA: run `.* --accelerator lightning`"):
+        load_pipeline(dest, *cpu, accelerator="lightning")
+    with pytest.raises(InputError, match="accelerator: must be one of flash, lightning, tcd, got 'turbo'"):
+        load_pipeline(dest, *cpu, accelerator="turbo")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...accelerators import ACCELERATORS, DEFAULT_ACCELERATOR
 from ...inputs import Request
 from ...loras.cache import LoraCache
 from ...pictures.write import OUTPUT_FORMATS, numbered_paths
@@ -85,14 +86,16 @@ def make_inputs(folder: Path, width: int, height: int, change: str = "top-half")
     return image_path, map_path
 
 
-def ensure_weights(weights: Path | None, size: str) -> Path:
-    """The weights folder to benchmark, made with the random test weights of that size when it does not exist yet."""
+def ensure_weights(weights: Path | None, size: str, accelerator: str = DEFAULT_ACCELERATOR) -> Path:
+    """The weights folder to benchmark, made with the random test weights of that size (and the accelerator's LoRA
+    layout and step rule) when it does not exist yet."""
     if weights is not None and (weights / "model_index.json").exists():
         return weights
-    folder = weights or ROOT / "bench-weights" / size
+    name = size if accelerator == DEFAULT_ACCELERATOR else f"{size}-{accelerator}"
+    folder = weights or ROOT / "bench-weights" / name
     if not (folder / "model_index.json").exists():
-        print(f"making {size} random weights in {folder}", flush=True)
-        write_test_weights(folder.absolute(), size)
+        print(f"making {size} random weights ({accelerator}) in {folder}", flush=True)
+        write_test_weights(folder.absolute(), size, accelerator=accelerator)
     return folder
 
 
@@ -278,6 +281,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sizes", default="512,768,1024,1216x832", help="generation sizes, WxH or S")
     parser.add_argument("--batches", default="1,2,4", help="num_outputs values")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument(
+        "--accelerator", choices=tuple(ACCELERATORS), default=DEFAULT_ACCELERATOR,
+        help="whose LoRA and step rule the random weights carry (the cost per step should be the same)",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-diffusers", action="store_true", help="skip the plain diffusers comparison")
@@ -328,7 +335,7 @@ def main(argv: list[str]) -> int:
         output_format=args.output_format, diffusers=not args.no_diffusers, baseline_lora=args.baseline_lora,
         no_baseline_lora=args.no_baseline_lora, sequential=args.sequential,
     )  # fmt: skip
-    weights = ensure_weights(args.weights, "tiny" if args.quick else "full")
+    weights = ensure_weights(args.weights, "tiny" if args.quick else "full", args.accelerator)
     kind = "tiny random" if args.quick else "given" if args.weights else "full-size random"
     args.out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="benchmark-"))

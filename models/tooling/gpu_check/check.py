@@ -28,6 +28,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from ...accelerators import ACCELERATORS, DEFAULT_ACCELERATOR
 from .plan import DEFAULT_BUDGET_S, DRY_PLAN, GPU_PLAN, LOG, ROOT, SUMMARY, WHEELS
 from .report import git
 from .runner import Check, run_stages, with_prerequisites
@@ -50,6 +51,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--dry-run", action="store_true", help="tiny weights on the CPU, nothing compiled")
     parser.add_argument("--weights", type=Path, help="a weights folder to use instead of making random ones")
+    parser.add_argument("--accelerator", choices=tuple(ACCELERATORS), default=DEFAULT_ACCELERATOR,
+                        help="whose LoRA layout and step rule the random weights carry (default: flash)")  # fmt: skip
     parser.add_argument("--wheels", type=Path, default=WHEELS, help=f"wheel folder (default: {WHEELS.name})")
     parser.add_argument("--only", help="comma-separated stages to run (and what they need)")
     parser.add_argument(
@@ -87,6 +90,7 @@ def main(argv: list[str]) -> int:
             command="scripts/gpu-check " + " ".join(argv),
             env=env,
             log=log,
+            accelerator=args.accelerator,
         )
         check.meta = {
             "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -94,6 +98,7 @@ def main(argv: list[str]) -> int:
             "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
             "command": check.command,
             "dry_run": args.dry_run,
+            "accelerator": args.accelerator,
             "budget_s": budget_s,
             "plan": dataclasses.asdict(check.plan),
         }

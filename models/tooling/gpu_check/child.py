@@ -94,7 +94,8 @@ def weights_task(params: dict[str, Any], progress: Progress) -> None:
 
     from ..random_weights.build import write_test_weights
 
-    total = write_test_weights(Path(params["folder"]), params["size"], 0, torch.device(params["device"]))
+    folder, device = Path(params["folder"]), torch.device(params["device"])
+    total = write_test_weights(folder, params["size"], 0, device, params["accelerator"])
     progress.update(bytes=total)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from ...accelerators import DEFAULT_ACCELERATOR
 from ..files import write_atomically
 from .plan import MIN_STAGE_S, REPORT, ROOT, STOP_GRACE_S, SUMMARY, Plan
 from .report import markdown
@@ -57,6 +58,8 @@ class Check:
     env: dict[str, str]
     log: IO[str]
     weights: Path | None = None
+    accelerator: str = DEFAULT_ACCELERATOR
+    """Whose LoRA and step rule the random weights carry (every stage then runs under it)."""
     records: dict[str, dict[str, Any]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
 

@@ -129,8 +129,9 @@ def weights(check: Check, deadline: float) -> Outcome:
     if check.given_weights is not None:
         check.weights = check.given_weights
         return Outcome("passed", f"given: {check.given_weights}", {"folder": str(check.given_weights), "made": False})
-    folder = check.work / f"weights-{check.plan.weights_size}"
-    params = {"folder": str(folder), "size": check.plan.weights_size, "device": check.plan.device}
+    folder = check.work / f"weights-{check.plan.weights_size}-{check.accelerator}"
+    params = {"folder": str(folder), "size": check.plan.weights_size, "device": check.plan.device,
+              "accelerator": check.accelerator}  # fmt: skip
     finished, result = run_child(check, "weights", params, deadline)
     result = {**params, **result, "made": True, "seconds": finished.seconds}
     outcome = ended(finished, result, f"{folder}: {check.plan.weights_size} weights")

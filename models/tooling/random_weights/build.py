@@ -33,6 +33,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 from transformers.utils import logging as transformers_logging
 
+from ...accelerators import ACCELERATORS, DEFAULT_ACCELERATOR
 from ...errors import FolderError, ProjectError
 from ...weights.build import lora_record, make_readable
 from ...weights.manifest import replace_folder, write_manifest
@@ -199,9 +200,15 @@ def check_replaceable(target: Path) -> None:
     raise FolderError(f"{target} exists and is not a pipeline folder; not replacing it")
 
 
-def write_flash_like_lora(unet: nn.Module, path: Path, rank: int, seed: int) -> int:
-    """A random LoRA in peft's key style on Flash-SDXL's layers; rank 64 gives 93M float32 parameters at full size
-    (the real file: 92.9M, 372 MB). Returns the number of layers."""
+LORA_LAYOUTS = {"flash": "peft", "lightning": "kohya", "tcd": "peft"}
+"""The key style each accelerator's test LoRA is written in: Flash-SDXL's and TCD's files are diffusers/peft
+files; SDXL-Lightning's is written kohya-style here (its real file's keys were not checked from this machine; the
+loader reads both)."""
+
+
+def write_flash_like_lora(unet: nn.Module, path: Path, rank: int, seed: int, layout: str = "peft") -> int:
+    """A random LoRA on Flash-SDXL's layers, in peft's key style or kohya's (with alphas equal to the rank); rank 64
+    gives 93M float32 parameters at full size (the real Flash file: 92.9M, 372 MB). Returns the number of layers."""
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for name, layer in unet.named_modules():
@@ -209,11 +216,16 @@ def write_flash_like_lora(unet: nn.Module, path: Path, rank: int, seed: int) -> 
             layer_rank = min(rank, layer.in_features, layer.out_features)
             down = torch.randn(layer_rank, layer.in_features, generator=generator) / layer.in_features**0.5
             up = torch.randn(layer.out_features, layer_rank, generator=generator) * INIT_STD
-            tensors[f"unet.{name}.lora_A.weight"] = down
-            tensors[f"unet.{name}.lora_B.weight"] = up
+            if layout == "kohya":
+                prefix = "lora_unet_" + name.replace(".", "_")
+                tensors |= {f"{prefix}.lora_down.weight": down, f"{prefix}.lora_up.weight": up,
+                            f"{prefix}.alpha": torch.tensor(float(layer_rank))}  # fmt: skip
+            else:
+                tensors[f"unet.{name}.lora_A.weight"] = down
+                tensors[f"unet.{name}.lora_B.weight"] = up
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, {"format": "pt"})
-    return len(tensors) // 2
+    return len([key for key in tensors if "lora_A" in key or "lora_down" in key])
 
 
 def write_safety_checker(out: Path, size: str, seed: int, device: torch.device) -> None:
@@ -305,7 +317,9 @@ def write_preprocessing(folder: Path, preprocessing: dict) -> None:
 CPU = torch.device("cpu")
 
 
-def write_test_weights(target: Path, size: str = "tiny", seed: int = 0, device: torch.device = CPU) -> int:
+def write_test_weights(
+    target: Path, size: str = "tiny", seed: int = 0, device: torch.device = CPU, accelerator: str = DEFAULT_ACCELERATOR
+) -> int:
     """Build the pipeline into a temporary sibling folder, check it, then move it into place.
 
     Returns the total bytes written. An interrupted run leaves only a ``.tmp-`` folder, never
@@ -318,8 +332,10 @@ def write_test_weights(target: Path, size: str = "tiny", seed: int = 0, device: 
         pipeline = build_pipeline(size, seed, device)
         out = staging / target.name
         pipeline.save_pretrained(out, safe_serialization=True, max_shard_size="20GB")
-        lora = lora_record(DEFAULT_SOURCES)
-        write_flash_like_lora(pipeline.unet, out / lora["file"], FLASH_RANK[size], seed * 5 + 5)
+        lora = lora_record(DEFAULT_SOURCES.with_accelerator(accelerator))
+        write_flash_like_lora(
+            pipeline.unet, out / lora["file"], FLASH_RANK[size], seed * 5 + 5, LORA_LAYOUTS[accelerator]
+        )
         del pipeline
         write_safety_checker(out, size, seed * 5 + 6, device)
         write_map_models(out, size, seed * 5 + 7, device)
@@ -356,6 +372,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--size", choices=("tiny", "full"), default="tiny", help="model size (default: tiny)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default: 0)")
+    parser.add_argument("--accelerator", choices=tuple(ACCELERATORS), default=DEFAULT_ACCELERATOR,
+                        help="whose LoRA layout and step rule the folder carries (default: flash)")  # fmt: skip
     parser.add_argument(
         "--device",
         choices=("cpu", "cuda"),
@@ -380,7 +398,9 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity_error()
         logging.disable_progress_bar()
     try:
-        total = write_test_weights(Path(os.path.abspath(args.dir)), args.size, args.seed, torch.device(args.device))
+        total = write_test_weights(
+            Path(os.path.abspath(args.dir)), args.size, args.seed, torch.device(args.device), args.accelerator
+        )
     except ProjectError as error:
         print(f"make-test-weights: {error}", file=sys.stderr)
         return error.exit_code
