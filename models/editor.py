@@ -14,6 +14,7 @@ from .limits import GUIDANCE_WARNING
 from .loras.cache import LoraCache
 from .loras.request import use_loras
 from .maps import sources
+from .maps.outpaint import Extension
 from .pictures.read import picture_size, read_picture
 from .pipeline import DifferentialDiffusionPipeline, EditRequest, EditResult, StepListener
 from .sizing import WORKING_AREA
@@ -53,7 +54,9 @@ def edit_files(
         edit_bytes = memory.estimate_peak_bytes(pipeline, options.num_outputs, width, height, working_area, map_pixels)
         lora_seconds = use_loras(pipeline, loras, lora_cache or LoraCache(), allow_lora_paths, edit_bytes)
         with heap.for_edit():
-            result = _read_and_edit(pipeline, image_path, map_path, options, working_area, time_each_step, on_step)
+            result = _read_and_edit(
+                pipeline, image_path, map_path, options, extension, working_area, time_each_step, on_step
+            )
         if not options.disable_safety_checker:
             screen(pipeline, result)
         if loras.loras:
@@ -73,13 +76,12 @@ def _read_and_edit(
     image_path: Path,
     map_path: Path | None,
     options: EditOptions,
+    extension: Extension | None,
     working_area: int,
     time_each_step: bool,
     on_step: StepListener | None,
 ) -> EditResult:
     started = time.perf_counter()
-    width, height = picture_size(image_path, "image")
-    extension = sources.extension_of(options, width, height)
     output_size = extension.canvas_size if extension is not None else None
     picture = read_picture(image_path, "image", options.keep_location, output_size)
     if not picture.colour_space.is_srgb:
