@@ -30,10 +30,11 @@ MAX_LORA_SCALE = 3.0
 
 
 class Predictor(BaseRunner):
-    def setup(self) -> None:
-        """Load the weights once, from $MODEL_CACHE (default ./model-cache)."""
+    def setup(self, weights: str | None = None) -> None:
+        """Load the weights once, from $MODEL_CACHE (default ./model-cache). weights: a trained version's LoRA (Cog
+        passes $COG_WEIGHTS, which Replicate sets to the training's .tar), used when lora_weights is empty."""
         logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout, force=True)
-        self.service = EditService.start()
+        self.service = EditService.start(trained_lora=str(weights) if weights else None)
         self.output_dir = Path(tempfile.mkdtemp(prefix="outputs-"))
 
     def run(
@@ -140,7 +141,7 @@ class Predictor(BaseRunner):
             default=False,
         ),
         lora_weights: str = Input(
-            description="An SDXL LoRA: an http(s) URL of a .safetensors file (Civitai download links too) or of a Replicate training's .tar, a Hugging Face repo (owner/repo, or owner/repo/path/file.safetensors), or a data URI. LoRA, LoHa, LoKr and DoRA files from diffusers, kohya, ComfyUI, LyCORIS and EriDiffusion are read. Empty for none.",
+            description="An SDXL LoRA: an http(s) URL of a .safetensors file (Civitai download links too) or of a Replicate training's .tar, a Hugging Face repo (owner/repo, or owner/repo/path/file.safetensors), or a data URI. LoRA, LoHa, LoKr and DoRA files from diffusers, kohya, ComfyUI, LyCORIS and EriDiffusion are read. Empty for none (on a version made by a training: that training's LoRA).",
             default="",
         ),
         lora_scale: float = Input(

@@ -9,7 +9,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 from .errors import InputError
 from .limits import (
@@ -222,7 +222,7 @@ INPUTS = {
             "An SDXL LoRA: an http(s) URL of a .safetensors file (Civitai download links too) or of a Replicate"
             " training's .tar, a Hugging Face repo (owner/repo, or owner/repo/path/file.safetensors), or a data URI."
             " LoRA, LoHa, LoKr and DoRA files from diffusers, kohya, ComfyUI, LyCORIS and EriDiffusion are read."
-            " Empty for none.",
+            " Empty for none (on a version made by a training: that training's LoRA).",
         ),
         Input(
             "lora_scale",
@@ -255,12 +255,14 @@ INPUTS = {
 
 
 class FromValues:
-    """Options whose fields are inputs of the table, validated from a request's values (absent ones take their
-    defaults)."""
+    """Options whose fields are inputs of a table (the predictor's, unless TABLE says another), validated from a
+    request's values (absent ones take their defaults)."""
+
+    TABLE: ClassVar[Mapping[str, Input]] = INPUTS
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Self:
-        return cls(**{item.name: INPUTS[item.name].check(values.get(item.name, INPUTS[item.name].default))
+        return cls(**{item.name: cls.TABLE[item.name].check(values.get(item.name, cls.TABLE[item.name].default))
                       for item in fields(cls)})  # fmt: skip
 
 

@@ -70,3 +70,30 @@ LORA_CACHE_MIN_FREE_BYTES = 10 * 1024**3
 
 MIN_LORA_SCALE, MAX_LORA_SCALE = -1.0, 3.0
 """Range of lora_scale and extra_lora_scale, as Replicate's SDXL and FLUX models take them."""
+
+MAX_TRAINING_ARCHIVE_BYTES = 4 * 1024**3
+"""Largest input_images archive a training accepts."""
+
+MAX_TRAINING_IMAGES = 300
+"""Most pictures a training takes: a person, product or style needs 5-50; a few hundred is a small style dataset."""
+
+MAX_ARCHIVE_MEMBERS = 2_000
+"""Most entries (pictures, captions, folders, skipped files) an input_images archive may list: its index is read whole
+before any member."""
+
+MAX_ARCHIVE_UNPACKED_BYTES = 8 * 1024**3
+"""Most bytes an input_images archive may unpack to, as declared and as read: 300 pictures of up to 27 MB."""
+
+MAX_ARCHIVE_RATIO = 100
+"""Most an archive or one of its members may expand (unpacked over packed bytes, beyond 1 MiB unpacked): photos barely
+compress, a zip bomb expands a thousandfold or more."""
+
+MAX_CAPTION_BYTES = 16 * 1024
+"""Largest caption .txt: a prompt reads 77 tokens, a few hundred characters."""
+
+MIN_TRAINING_RESOLUTION, MAX_TRAINING_RESOLUTION = 256, 1536
+MAX_TRAINING_STEPS = 10_000
+MAX_TRAINING_BATCH = 8
+MAX_LORA_RANK = 128
+MIN_LEARNING_RATE, MAX_LEARNING_RATE = 1e-6, 1e-2
+MAX_TOKEN_CHARS = 32

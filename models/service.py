@@ -10,16 +10,18 @@ import logging
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import heap
 from .editor import edit_files
 from .inputs import Request
 from .loras.cache import LoraCache
+from .loras.messages import redact
 from .pictures.write import encode_map, map_path_beside, numbered_paths, write_pictures
 from .pipeline import DifferentialDiffusionPipeline, StepListener
 from .sizing import WORKING_AREA
+from .validation import lora_source
 from .weights.load import load_pipeline
 
 log = logging.getLogger(__name__)
@@ -42,12 +44,19 @@ class EditService:
     """A loaded pipeline and the LoRA cache, serving one request at a time."""
 
     def __init__(
-        self, pipeline: DifferentialDiffusionPipeline, lora_cache: LoraCache, allow_lora_paths: bool = False
+        self,
+        pipeline: DifferentialDiffusionPipeline,
+        lora_cache: LoraCache,
+        allow_lora_paths: bool = False,
+        trained_lora: str = "",
     ) -> None:
         self.pipeline = pipeline
         self.lora_cache = lora_cache
         self.allow_lora_paths = allow_lora_paths
         """Local LoRA files for the command line; a server takes none."""
+        self.trained_lora = trained_lora
+        """A trained version's LoRA (Replicate sets $COG_WEIGHTS to its training's .tar): what lora_weights means
+        when a request leaves it empty."""
 
     @classmethod
     def start(
@@ -56,13 +65,18 @@ class EditService:
         *,
         lora_cache: LoraCache | None = None,
         allow_lora_paths: bool = False,
+        trained_lora: str | None = None,
         **load_options,
     ) -> "EditService":
-        """Apply the heap policy, then load the weights (load_pipeline's options: device, dtype, low_vram, ...)."""
+        """Apply the heap policy, then load the weights (load_pipeline's options: device, dtype, low_vram, ...).
+        trained_lora: the LoRA a trained version serves by default (Cog's setup weights)."""
         started = time.perf_counter()
         log.info("heap policy: %s", heap.configure())
+        trained = lora_source("weights", trained_lora)
+        if trained:
+            log.info("this version was trained: its LoRA %s is used when lora_weights is empty", redact(trained))
         pipeline = load_pipeline(weights, **load_options)
-        service = cls(pipeline, lora_cache or LoraCache(), allow_lora_paths)
+        service = cls(pipeline, lora_cache or LoraCache(), allow_lora_paths, trained)
         log.info("setup took %.2fs", time.perf_counter() - started)
         return service
 
@@ -81,12 +95,15 @@ class EditService:
         """
         started = time.perf_counter()
         try:
+            loras = request.loras
+            if self.trained_lora and not loras.lora_weights:
+                loras = replace(loras, lora_weights=self.trained_lora)
             result = edit_files(
                 self.pipeline,
                 request.image,
                 request.map,
                 request.edit,
-                loras=request.loras,
+                loras=loras,
                 lora_cache=self.lora_cache,
                 allow_lora_paths=self.allow_lora_paths,
                 working_area=working_area,

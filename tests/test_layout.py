@@ -35,7 +35,8 @@ def python_files(folder: Path) -> list[Path]:
 
 
 def test_serving_code_never_imports_the_tooling_or_the_tests():
-    serving = [path for path in python_files(MODELS) if TOOLING not in path.parents] + [ROOT / "predict.py"]
+    entry_points = [ROOT / "predict.py", ROOT / "train.py"]
+    serving = [path for path in python_files(MODELS) if TOOLING not in path.parents] + entry_points
     offenders = {
         path.relative_to(ROOT).as_posix(): sorted(name for name in imported_modules(path) if name.startswith(prefix))
         for path in serving
@@ -46,7 +47,7 @@ def test_serving_code_never_imports_the_tooling_or_the_tests():
 
 
 def test_nothing_outside_the_tests_imports_them():
-    code = [*python_files(MODELS), ROOT / "predict.py", *(ROOT / "scripts").iterdir()]
+    code = [*python_files(MODELS), ROOT / "predict.py", ROOT / "train.py", *(ROOT / "scripts").iterdir()]
     offenders = [
         path.relative_to(ROOT).as_posix()
         for path in code
@@ -56,11 +57,12 @@ def test_nothing_outside_the_tests_imports_them():
 
 
 @pytest.mark.slow
-def test_loading_the_predictor_loads_no_tooling():
-    probe = "import sys, predict; print('\\n'.join(sorted(sys.modules)))"
+@pytest.mark.parametrize(("entry", "core"), [("predict", "models.service"), ("train", "models.training.run")])
+def test_loading_an_entry_point_loads_no_tooling(entry, core):
+    probe = f"import sys, {entry}; print('\\n'.join(sorted(sys.modules)))"
     loaded = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     modules = loaded.stdout.split()
-    assert "models.service" in modules
+    assert core in modules
     assert [name for name in modules if name.startswith(("models.tooling", "tests"))] == []
 
 

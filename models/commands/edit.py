@@ -16,49 +16,20 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 from .. import settings
 from ..accelerators import ACCELERATORS
 from ..errors import ProjectError
-from ..inputs import INPUTS, REQUIRED, Input, Request
+from ..inputs import INPUTS, Request
 from ..loras.cache import LoraCache
 from ..service import EditService
 from ..validation import local_file
 from ..weights.load import LOADED_STAGES, select_device
+from .flags import add_flag
 
 OUTPUT_SUFFIXES = {".webp": "webp", ".png": "png", ".jpg": "jpg", ".jpeg": "jpg"}
 DEFAULT_OUT = Path(__file__).resolve().parents[2] / "outputs"
 """Where outputs go without --out: outputs/ in the project's folder."""
-
-
-def number_or_text(text: str) -> Any:
-    """A flag's value as the JSON a Cog request would carry: a number when it reads as one, else the text, so that the
-    predictor's own validation judges it (and says the same thing)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
-def add_flag(group: argparse._ArgumentGroup, spec: Input) -> None:
-    """One input as a flag of the same name with dashes."""
-    flag = "--" + spec.name.replace("_", "-")
-    help_text = spec.description.replace("%", "%%")
-    if spec.kind == "file":
-        group.add_argument(flag, required=spec.default is REQUIRED, type=Path, help=help_text)
-    elif spec.kind == "boolean" and spec.default:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, default=True, help=help_text)
-    elif spec.kind == "boolean":
-        group.add_argument(flag, action="store_true", help=help_text)
-    elif spec.name == "output_format":  # its default comes from --out's suffix first
-        group.add_argument(flag, default=None, help=f"{help_text} (default: from --out's suffix, else {spec.default})")
-    elif spec.kind in ("integer", "number"):
-        group.add_argument(flag, type=number_or_text, default=spec.default, help=help_text)
-    else:
-        group.add_argument(flag, default=spec.default, help=help_text)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -67,7 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     edit = parser.add_argument_group("the edit (the predictor's inputs)")
     for spec in INPUTS.values():
-        add_flag(edit, spec)
+        if spec.name == "output_format":  # its default comes from --out's suffix first
+            help_text = f"{spec.description} (default: from --out's suffix, else {spec.default})"
+            edit.add_argument("--output-format", default=None, help=help_text)
+        else:
+            add_flag(edit, spec)
     run = parser.add_argument_group("running it")
     run.add_argument("--out", type=Path, default=None,
                      help="a file, or a folder for several outputs (default: outputs/<image>-<seed>...)")  # fmt: skip

@@ -69,13 +69,15 @@ def running_cog_server(
     env: dict[str, str] | None = None,
     startup_timeout: float = 180.0,
     setup_may_fail: bool = False,
+    train: bool = False,
 ):
     """Start `python -m cog.server.http` on a free loopback port; yield it once READY (or SETUP_FAILED, when
-    setup_may_fail)."""
+    setup_may_fail). train: serve train.py at /trainings, as Cog's image does in train mode (`--x-mode train`)."""
     port = free_port()
     server_env = {
         **os.environ,
         "COG_PREDICT_TYPE_STUB": "predict.py:Predictor",
+        "COG_TRAIN_TYPE_STUB": "train.py:train",
         "PORT": str(port),
         "MODEL_CACHE": str(model_cache),
         "HF_HUB_OFFLINE": "1",
@@ -85,7 +87,7 @@ def running_cog_server(
     }
     with open(log_path, "wb") as log:
         server = subprocess.Popen(
-            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1"],
+            [sys.executable, "-m", "cog.server.http", "--host", "127.0.0.1", *(["--x-mode", "train"] if train else [])],
             cwd=ROOT,
             env=server_env,
             stdout=log,
@@ -140,21 +142,23 @@ def decode_output(uri: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1])))
 
 
-def predict(url: str, inputs: dict, timeout: float = 300.0, **headers) -> dict:
-    """One synchronous prediction's answer (its JSON), retried once on HTTP 409: Cog 0.23.1 can answer 409 for a few
-    milliseconds after a prediction ends, before it has freed the slot, and asks clients to retry."""
+def predict(url: str, inputs: dict, timeout: float = 300.0, endpoint: str = "predictions", **headers) -> dict:
+    """One synchronous prediction's (or, with endpoint="trainings", training's) answer, its JSON, retried once on HTTP
+    409: Cog 0.23.1 can answer 409 for a few milliseconds after a prediction ends, before it has freed the slot, and
+    asks clients to retry."""
     for attempt in range(2):
-        response = requests.post(f"{url}/predictions", json={"input": inputs}, headers=headers, timeout=timeout)
+        response = requests.post(f"{url}/{endpoint}", json={"input": inputs}, headers=headers, timeout=timeout)
         if response.status_code != 409 or attempt:
             break
         time.sleep(0.1)
     return response.json()
 
 
-def predict_async(url: str, inputs: dict, webhook: str) -> str:
-    """Start a prediction that answers at once (`Prefer: respond-async`); its result goes to the webhook."""
+def predict_async(url: str, inputs: dict, webhook: str, endpoint: str = "predictions") -> str:
+    """Start a prediction (or training) that answers at once (`Prefer: respond-async`); its result goes to the
+    webhook."""
     response = requests.post(
-        f"{url}/predictions",
+        f"{url}/{endpoint}",
         json={"input": inputs, "webhook": webhook},
         headers={"Prefer": "respond-async"},
         timeout=30,
@@ -163,8 +167,8 @@ def predict_async(url: str, inputs: dict, webhook: str) -> str:
     return response.json()["id"]
 
 
-def cancel(url: str, prediction_id: str) -> None:
-    requests.post(f"{url}/predictions/{prediction_id}/cancel", timeout=30).raise_for_status()
+def cancel(url: str, prediction_id: str, endpoint: str = "predictions") -> None:
+    requests.post(f"{url}/{endpoint}/{prediction_id}/cancel", timeout=30).raise_for_status()
 
 
 class WebhookReceiver:

@@ -13,7 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, LCMScheduler, StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    UNet2DConditionModel,
+)
+from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from .. import settings
@@ -193,6 +200,46 @@ def fuse_accelerator_lora(unet: torch.nn.Module, folder: Path, record: dict | No
     return seconds
 
 
+def read_model(folder: Path, name: str, device: torch.device, dtype: torch.dtype, stored: torch.dtype) -> nn.Module:
+    """One of MODELS from its safetensors, straight onto the device, in the files' own dtype (see stored_dtype)."""
+    model_class = MODELS[name]
+    return model_class.from_pretrained(
+        folder,
+        subfolder=name,
+        torch_dtype=dtype if keeps_float32_modules(model_class) else stored,
+        device_map=str(device),
+        use_safetensors=True,
+        local_files_only=True,
+    )
+
+
+def frozen_on(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model cast on the device, in eval mode, without gradients."""
+    # nn.Module.to: ModelMixin.to warns about float32-kept modules on every cast, even when there are none.
+    return nn.Module.to(model, device, dtype).eval().requires_grad_(False)
+
+
+def load_base_models(
+    folder: Path | None, device: torch.device, dtype: torch.dtype, build_missing: bool = True
+) -> tuple[dict, Manifest]:
+    """SDXL's own components, frozen on the device, without any accelerator LoRA fused: what a LoRA is trained on
+    (models/training), so that it stacks on whichever accelerator serves it; the scheduler is Euler's, for the
+    samples of base SDXL a training makes. Also the folder's manifest (its sources' commits)."""
+    folder = Path(folder) if folder is not None else settings.model_cache()
+    manifest = prepare_folder(folder, build_missing)
+    started = time.perf_counter()
+    stored = stored_dtype(manifest, dtype)
+    components: dict = {name: frozen_on(read_model(folder, name, device, dtype, stored), device, dtype)
+                        for name in MODELS}  # fmt: skip
+    for name in ("tokenizer", "tokenizer_2"):
+        components[name] = CLIPTokenizer.from_pretrained(folder, subfolder=name, local_files_only=True)
+    scheduler = LCMScheduler.load_config(folder, subfolder="scheduler", local_files_only=True)
+    components["scheduler"] = EulerDiscreteScheduler.from_config(scheduler, timestep_spacing="trailing")
+    log.info("loaded SDXL's base models from %s on %s (%s) in %.2fs", folder, device,
+             str(dtype).removeprefix("torch."), time.perf_counter() - started)  # fmt: skip
+    return components, manifest
+
+
 def load_pipeline(
     folder: Path | None = None,
     device: torch.device | None = None,
@@ -225,20 +272,12 @@ def load_pipeline(
     stored = stored_dtype(manifest, dtype)
     started = time.perf_counter()
     components: dict = {}
-    for name, model_class in MODELS.items():
+    for name in MODELS:
         loaded_at = time.perf_counter()
-        model = model_class.from_pretrained(
-            folder,
-            subfolder=name,
-            torch_dtype=dtype if keeps_float32_modules(model_class) else stored,
-            device_map=str(load_device),
-            use_safetensors=True,
-            local_files_only=True,
-        )
+        model = read_model(folder, name, load_device, dtype, stored)
         if name == "unet":
             timings["fuse_lora"] = fuse_accelerator_lora(model, folder, lora, dtype)
-        # nn.Module.to: ModelMixin.to warns about float32-kept modules on every cast, even when there are none.
-        components[name] = torch.nn.Module.to(model, load_device, dtype).eval().requires_grad_(False)
+        components[name] = frozen_on(model, load_device, dtype)
         timings[name] = time.perf_counter() - loaded_at
         log.info("loaded %s in %.2fs", name, timings[name])
         if on_loaded is not None:

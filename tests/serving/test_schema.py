@@ -1,5 +1,5 @@
-"""predict.py as `cog build` reads it: statically, by the rules of Cog's own parser, and in agreement with the limits
-the package enforces at run time."""
+"""predict.py and train.py as `cog build` reads them: statically, by the rules of Cog's own parser, and in agreement
+with the limits the package enforces at run time."""
 
 import ast
 import contextlib
@@ -13,10 +13,15 @@ import pytest
 from cog import _inspector
 
 from models.inputs import INPUTS, REQUIRED
+from models.training.inputs import TRAINING_INPUTS
 
 PREDICT = Path(__file__).resolve().parents[2] / "predict.py"
+TRAIN = PREDICT.with_name("train.py")
 LITERAL_KEYWORDS = ("default", "ge", "le", "min_length", "max_length", "regex", "description", "choices")
-ORDER = list(INPUTS)
+ENTRY_POINTS = {  # file, the function Cog reads (a method of the class, or a function), the table it must state
+    "predict": (PREDICT, "run", INPUTS),
+    "train": (TRAIN, "train", TRAINING_INPUTS),
+}
 
 
 class Unresolvable(Exception):
@@ -59,14 +64,14 @@ def one_string_token(source: str, node: ast.expr) -> bool:
     return len(tokens) == 1 and tokens[0].string == segment and segment[0] in "\"'" and "\\" not in segment
 
 
-def static_inputs(path: Path = PREDICT) -> dict[str, dict[str, Any]]:
+def static_inputs(path: Path = PREDICT, function: str = "run") -> dict[str, dict[str, Any]]:
     """Each input's Input() keywords as Cog's static parser resolves them; fails on anything it would not."""
     source = path.read_text(encoding="utf-8")
     tree = ast.parse(source)
     constants = top_level_literals(tree)
-    [run] = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == "run"]
-    arguments = run.args.args[1:]
-    defaults = dict(zip([argument.arg for argument in arguments], run.args.defaults, strict=True))
+    [target] = [node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef) and node.name == function]
+    arguments = [argument for argument in target.args.args if argument.arg != "self"]
+    defaults = dict(zip([argument.arg for argument in arguments], target.args.defaults, strict=True))
     found = {}
     for argument in arguments:
         call = defaults[argument.arg]
@@ -90,17 +95,22 @@ def static_inputs(path: Path = PREDICT) -> dict[str, dict[str, Any]]:
     return found
 
 
-def test_every_input_is_statically_readable_and_described():
-    found = static_inputs()
-    assert list(found) == ORDER
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_every_input_is_statically_readable_and_described(entry):
+    path, function, table = ENTRY_POINTS[entry]
+    found = static_inputs(path, function)
+    assert list(found) == list(table)
     for name, values in found.items():
         assert isinstance(values.get("description"), str) and values["description"].strip(), name
 
 
-def test_predict_states_the_limits_the_package_enforces():
-    """Every Input() of predict.py says what the table of inputs says: description, default, bounds, choices."""
-    found = static_inputs()
-    for name, spec in INPUTS.items():
+@pytest.mark.parametrize("entry", list(ENTRY_POINTS))
+def test_each_entry_point_states_the_limits_the_package_enforces(entry):
+    """Every Input() of predict.py and train.py says what its table of inputs says: description, default, bounds,
+    choices."""
+    path, function, table = ENTRY_POINTS[entry]
+    found = static_inputs(path, function)
+    for name, spec in table.items():
         expected = {
             "description": spec.description,
             "default": None if spec.default is REQUIRED else spec.default,
@@ -131,12 +141,14 @@ def test_the_static_reader_catches_what_cog_would_drop(tmp_path, good, bad):
         static_inputs(broken)
 
 
-def test_the_python_sdk_reads_the_same_schema_with_the_current_api():
+@pytest.mark.parametrize(("entry", "name"), [("predict", "Predictor"), ("train", "train")])
+def test_the_python_sdk_reads_the_same_schema_with_the_current_api(entry, name):
+    path, function, table = ENTRY_POINTS[entry]
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
-        info = _inspector.create_predictor("predict", "Predictor")
-    assert list(info.inputs) == ORDER
-    static = static_inputs()
+        info = _inspector.create_predictor(entry, name)
+    assert list(info.inputs) == list(table)
+    static = static_inputs(path, function)
     for name, field in info.inputs.items():
         assert field.description == static[name]["description"], name
         if "default" in static[name]:

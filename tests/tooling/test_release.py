@@ -28,6 +28,7 @@ SERVING_FILES = [
     "predict.py",
     "requirements.txt",
     "scripts/download-weights",
+    "train.py",
 ]
 
 
