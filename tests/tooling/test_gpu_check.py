@@ -22,9 +22,9 @@ from models.tooling.random_weights.build import parse_args as make_test_weights_
 from tests.gpu import test_gpu
 
 ROOT = Path(__file__).resolve().parents[2]
-STAGES = ["environment", "install", "weights", "cuda-tests", "benchmark", "compile", "loras", "loras-every-layer",
-          "safety-checker", "maps", "low-memory"]  # fmt: skip
-MEASUREMENTS = ("loras", "loras-every-layer", "safety-checker", "maps", "low-memory")
+STAGES = ["environment", "install", "weights", "cuda-tests", "benchmark", "training", "compile", "loras",
+          "loras-every-layer", "safety-checker", "maps", "low-memory"]  # fmt: skip
+MEASUREMENTS = ("training", "loras", "loras-every-layer", "safety-checker", "maps", "low-memory")
 OUTPUT_FILES = {"gpu-check.json", "gpu-check.md", "gpu-check.log", "benchmark.json", "benchmark.md"}
 TOOL_FILE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 """What the device tool brings back from $OUT: at most 8 files, named in these characters, 16 MiB each."""

@@ -206,8 +206,10 @@ def measure_task(params: dict[str, Any], progress: Progress) -> None:
     from ..measure.low_memory import measure_low_memory
     from ..measure.maps import measure_maps
     from ..measure.safety import measure_safety
+    from ..measure.training import measure_training
 
     measurements = {
+        "training": measure_training,
         "loras": measure_loras,
         "safety": measure_safety,
         "maps": measure_maps,

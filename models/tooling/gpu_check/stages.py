@@ -223,6 +223,11 @@ def every_layer_options(plan: Plan) -> dict[str, Any]:
     return {"layers": "every", "repeats": 1}
 
 
+def training_options(plan: Plan) -> dict[str, Any]:
+    """Steps at the plan's size (1024 px on the GPU, the default resolution) with batch 1 and 4."""
+    return {"resolution": plan.lora_size, "batches": "1,4", "steps": 5}
+
+
 def repeat_options(plan: Plan) -> dict[str, Any]:
     return {"repeats": plan.measure_repeats}
 
@@ -238,6 +243,7 @@ STAGES = (
     Stage("weights", 75, weights, describe_weights, ("install",)),
     Stage("cuda-tests", 75, cuda_tests, describe_tests, ("weights",)),
     Stage("benchmark", 90, benchmark, describe_benchmark, ("weights",)),
+    Stage("training", 75, measurement_stage("training", training_options), describe_measurement, ("weights",)),
     Stage("compile", 120, compile_stage, describe_compile, ("weights",)),
     Stage("loras", 60, measurement_stage("loras", lora_options), describe_measurement, ("weights",)),
     Stage("loras-every-layer", 45, measurement_stage("loras", every_layer_options), describe_measurement, ("weights",)),

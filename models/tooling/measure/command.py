@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from ...settings import model_cache
-from . import crop, heap, loras, low_memory, maps, safety, setup
+from . import crop, heap, loras, low_memory, maps, safety, setup, training
 
 MEASUREMENTS = {
     "setup": setup,
@@ -27,6 +27,7 @@ MEASUREMENTS = {
     "maps": maps,
     "low-memory": low_memory,
     "heap": heap,
+    "training": training,
 }
 """Each module gives add_arguments(parser) and run(args) -> Table."""
 
