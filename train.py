@@ -43,7 +43,7 @@ def train(
         max_length=MAX_TOKEN_CHARS,
     ),
     caption_prefix: str = Input(
-        description="Put before each caption that does not already say the token; a photo without a caption is trained with this alone.",
+        description="Put before each caption that does not already say the token; a photo without a caption is trained with this alone. The default says your token.",
         default="a photo of TOK,",
         max_length=MAX_PROMPT_CHARS,
     ),

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from .. import settings
-from ..errors import ProjectError
+from ..errors import InputError, ProjectError
 from ..training.inputs import TRAINING_INPUTS, TrainingRequest
 from ..training.run import train_lora
 from ..validation import local_file
@@ -63,6 +63,9 @@ def main(argv: list[str]) -> int:
     try:
         values = {name: getattr(args, name) for name in TRAINING_INPUTS}
         request = TrainingRequest.from_values(values, file_check=local_file)
+        if args.out.is_dir():
+            raise InputError(f"out: {args.out} is a folder; give the .tar's file name")
+        args.out.parent.mkdir(parents=True, exist_ok=True)  # before the training, not after it
         with log_above_bars():
             result = train_lora(request, args.out, args.weights or settings.model_cache(), args.device, on_step)
     except ProjectError as error:

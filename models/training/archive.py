@@ -8,9 +8,12 @@ from the archive), and pictures are then decoded by models/pictures/read.py with
 """
 
 import logging
+import lzma
 import stat
+import struct
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -36,6 +39,13 @@ log = logging.getLogger(__name__)
 NAME = "input_images"
 PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".heic", ".heif", ".avif")
 CAPTION_SUFFIX = ".txt"
+ZIP_TAIL_BYTES = 22 + 65535 + 20
+"""A zip's end record (22 bytes and a comment of up to 64 KiB) and the zip64 locator before it."""
+MAX_ZIP_INDEX_BYTES = 1024**2
+"""Largest zip central directory read: 2,000 entries with names of a few hundred characters."""
+MAX_TAR_HEADER_BYTES = 64 * 1024
+EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                    tarfile.SOLARIS_XHDTYPE)  # fmt: skip
 RATIO_FREE_BYTES = 1024**2
 """Below this many unpacked bytes, a member's compression ratio is not judged (small files compress well)."""
 CHUNK_BYTES = 1024**2
@@ -64,13 +74,66 @@ class Photo:
 def escapes(name: str) -> bool:
     """Whether a member's name would leave the folder it is unpacked in: absolute, a drive, or a `..` part."""
     parts = name.replace("\\", "/").split("/")
-    return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts or "\x00" in name
+    return name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts
 
 
 def skipped(name: str) -> bool:
     """Folders' metadata that archivers add (macOS's __MACOSX and ._ files, hidden files): not the user's photos."""
     parts = PurePosixPath(name.replace("\\", "/")).parts
     return not parts or parts[0] == "__MACOSX" or any(part.startswith(".") for part in parts)
+
+
+def check_name(name: str) -> None:
+    """A name that escapes, or holds control characters (a line break would forge a log line), is refused."""
+    if escapes(name):
+        raise InputError(f"{NAME}: the entry {one_line(name, 80)!r} points outside the archive's folder; refused")
+    if any(not character.isprintable() for character in name):
+        raise InputError(f"{NAME}: the entry {one_line(name, 80)!r} has control characters in its name; refused")
+
+
+def check_member(member: Member) -> None:
+    """A member's declared size within its limit, and its expansion (when its packed size is known) not a bomb's."""
+    limit = MAX_CAPTION_BYTES if member.name.lower().endswith(CAPTION_SUFFIX) else MAX_INPUT_BYTES
+    if member.size > limit and is_used(member.name):
+        raise InputError(
+            f"{NAME}: {one_line(member.name, 80)} is {human_size(member.size)}; at most {human_size(limit)}"
+        )
+    if member.size > RATIO_FREE_BYTES and member.size > MAX_ARCHIVE_RATIO * max(member.packed, 1):
+        raise InputError(
+            f"{NAME}: {one_line(member.name, 80)} expands {member.size // max(member.packed, 1):,}-fold; at most"
+            f" {MAX_ARCHIVE_RATIO}-fold (a zip bomb?)"
+        )
+
+
+def check_total(total: int, archive_bytes: int) -> None:
+    """The whole archive's unpacked size within the limit, and its expansion not a bomb's."""
+    if total > MAX_ARCHIVE_UNPACKED_BYTES:
+        raise InputError(f"{NAME}: unpacks to {human_size(total)}; at most {human_size(MAX_ARCHIVE_UNPACKED_BYTES)}")
+    if total > RATIO_FREE_BYTES and total > MAX_ARCHIVE_RATIO * archive_bytes:
+        raise InputError(f"{NAME}: expands {total // archive_bytes:,}-fold; at most {MAX_ARCHIVE_RATIO}-fold (a bomb?)")
+
+
+def zip_index_bytes(path: Path) -> int:
+    """The size of a zip's central directory, from its end record (zip64's when it has one), read before zipfile
+    parses the directory whole: a directory of millions of records would take gigabytes to parse."""
+    with path.open("rb") as file:
+        file.seek(0, 2)
+        tail_start = max(0, file.tell() - ZIP_TAIL_BYTES)
+        file.seek(tail_start)
+        tail = file.read()
+    end = tail.rfind(b"PK\x05\x06")
+    if end < 0 or len(tail) < end + 22:
+        raise InputError(f"{NAME}: the .zip has no end record (truncated?)")
+    index_bytes = struct.unpack_from("<I", tail, end + 12)[0]
+    locator = end - 20
+    if index_bytes == 0xFFFFFFFF and locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        with path.open("rb") as file:
+            file.seek(struct.unpack_from("<Q", tail, locator + 8)[0])
+            record = file.read(56)
+        if len(record) < 56 or record[:4] != b"PK\x06\x06":
+            raise InputError(f"{NAME}: the .zip's zip64 end record is damaged")
+        index_bytes = struct.unpack_from("<Q", record, 40)[0]
+    return index_bytes
 
 
 def zip_members(archive: zipfile.ZipFile) -> list[Member]:
@@ -85,13 +148,24 @@ def zip_members(archive: zipfile.ZipFile) -> list[Member]:
         if info.flag_bits & 0x1:
             raise InputError(f"{NAME}: {one_line(info.filename, 80)} is encrypted; give an archive without a password")
         members.append(Member(info.filename, info.file_size, info.compress_size, info))
+        check_member(members[-1])
     return members
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """A tar header whose extended headers (GNU long names, pax records) are refused above MAX_TAR_HEADER_BYTES:
+    tarfile reads their bodies whole into memory before it returns the member they describe."""
+
+    def _proc_member(self, tarfile_):  # tarfile's hook for a header's own processing
+        if self.type in EXTENDED_HEADERS and self.size > MAX_TAR_HEADER_BYTES:
+            raise InputError(f"{NAME}: an extended tar header of {human_size(self.size)}; at most 64 KiB")
+        return super()._proc_member(tarfile_)
 
 
 def tar_members(archive: tarfile.TarFile, archive_bytes: int) -> list[Member]:
     """A tar's index is its headers, spread through the stream: each is judged as it is reached, and the running
     total checked before the next is looked for, so a compressed bomb is refused before it is inflated."""
-    members = []
+    members, total = [], 0
     for count, info in enumerate(archive, start=1):
         if count > MAX_ARCHIVE_MEMBERS:
             raise InputError(f"{NAME}: more than {MAX_ARCHIVE_MEMBERS:,} entries; at most {MAX_ARCHIVE_MEMBERS:,}")
@@ -102,36 +176,11 @@ def tar_members(archive: tarfile.TarFile, archive_bytes: int) -> list[Member]:
             continue
         if not info.isfile():
             raise InputError(f"{NAME}: {one_line(info.name, 80)} is a device or pipe, not a file")
-        members.append(Member(info.name, info.size, info.size, info))
-        check_sizes(members, archive_bytes)
+        members.append(Member(info.name, info.size, info.size, info))  # packed sizes are the stream's, not a member's
+        check_member(members[-1])
+        total += info.size
+        check_total(total, archive_bytes)
     return members
-
-
-def check_name(name: str) -> None:
-    if escapes(name):
-        raise InputError(f"{NAME}: the entry {one_line(name, 80)!r} points outside the archive's folder; refused")
-
-
-def check_sizes(members: list[Member], archive_bytes: int) -> None:
-    """Declared sizes within the limits, and no member (nor the whole) expanding like a bomb."""
-    if len(members) > MAX_ARCHIVE_MEMBERS:
-        raise InputError(f"{NAME}: {len(members):,} entries; at most {MAX_ARCHIVE_MEMBERS:,}")
-    for member in members:
-        limit = MAX_CAPTION_BYTES if member.name.lower().endswith(CAPTION_SUFFIX) else MAX_INPUT_BYTES
-        if member.size > limit and is_used(member.name):
-            raise InputError(
-                f"{NAME}: {one_line(member.name, 80)} is {human_size(member.size)}; at most {human_size(limit)}"
-            )
-        if member.size > RATIO_FREE_BYTES and member.size > MAX_ARCHIVE_RATIO * max(member.packed, 1):
-            raise InputError(
-                f"{NAME}: {one_line(member.name, 80)} expands {member.size // max(member.packed, 1):,}-fold; at most"
-                f" {MAX_ARCHIVE_RATIO}-fold (a zip bomb?)"
-            )
-    total = sum(member.size for member in members)
-    if total > MAX_ARCHIVE_UNPACKED_BYTES:
-        raise InputError(f"{NAME}: unpacks to {human_size(total)}; at most {human_size(MAX_ARCHIVE_UNPACKED_BYTES)}")
-    if total > RATIO_FREE_BYTES and total > MAX_ARCHIVE_RATIO * archive_bytes:
-        raise InputError(f"{NAME}: expands {total // archive_bytes:,}-fold; at most {MAX_ARCHIVE_RATIO}-fold (a bomb?)")
 
 
 def is_picture(name: str) -> bool:
@@ -151,21 +200,23 @@ def opened(path: Path) -> Iterator[tuple[list[Member], Callable[[Any], IO[bytes]
     if size > MAX_TRAINING_ARCHIVE_BYTES:
         raise InputError(f"{NAME}: the file is {human_size(size)}; at most {human_size(MAX_TRAINING_ARCHIVE_BYTES)}")
     if zipfile.is_zipfile(path):
+        if (index_bytes := zip_index_bytes(path)) > MAX_ZIP_INDEX_BYTES:
+            raise InputError(f"{NAME}: the .zip's index is {human_size(index_bytes)}; at most 1 MiB (2,000 entries)")
         try:
             with zipfile.ZipFile(path) as archive:
-                if len(archive.infolist()) > MAX_ARCHIVE_MEMBERS:
-                    raise InputError(f"{NAME}: more than {MAX_ARCHIVE_MEMBERS:,} entries")
                 members = zip_members(archive)
-                check_sizes(members, size)
+                if len(members) > MAX_ARCHIVE_MEMBERS:
+                    raise InputError(f"{NAME}: {len(members):,} entries; at most {MAX_ARCHIVE_MEMBERS:,}")
+                check_total(sum(member.size for member in members), size)
                 yield members, archive.open
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as error:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError, zlib.error) as error:
             raise InputError(f"{NAME}: the .zip is damaged ({one_line(str(error), 100)})") from None
         return
     try:
-        with tarfile.open(path, "r:*") as archive:
+        with tarfile.open(path, "r:*", tarinfo=BoundedTarInfo) as archive:
             members = tar_members(archive, size)
             yield members, archive.extractfile
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         if isinstance(error, tarfile.ReadError) and "file could not be opened" in str(error):
             raise InputError(f"{NAME}: not a .zip or .tar archive; give one of photos ({READABLE_NAMES})") from None
         raise InputError(f"{NAME}: the archive is damaged ({one_line(str(error), 100)})") from None
@@ -200,7 +251,7 @@ def caption_text(raw: bytes, name: str) -> str:
 def read_archive(path: Path, folder: Path) -> list[Photo]:
     """The archive's photos, copied into `folder`, each with its caption: a `.txt` of the same name beside it; in the
     order of their names. Anything else is skipped with a warning. Members are read in the archive's own order, so a
-    compressed tar is inflated once."""
+    compressed tar is inflated twice in all (its index, then its members), not once per member."""
     folder.mkdir(parents=True, exist_ok=True)
     with opened(Path(path)) as (members, open_member):
         pictures = sorted((member.name, index) for index, member in enumerate(members)

@@ -51,7 +51,7 @@ TRAINING_INPUTS = {
             "text",
             "a photo of TOK,",
             "Put before each caption that does not already say the token; a photo without a caption is trained with"
-            " this alone.",
+            " this alone. The default says your token.",
             max_length=MAX_PROMPT_CHARS,
         ),
         Input(
@@ -146,6 +146,9 @@ class TrainingOptions(FromValues):
     def __post_init__(self) -> None:
         if not TOKEN_PATTERN.fullmatch(self.token):
             raise InputError(f"token: one word of letters, digits and _ (starting with a letter), got {self.token!r}")
+        default_prefix = TRAINING_INPUTS["caption_prefix"].default
+        if self.caption_prefix == default_prefix:  # the default names the token, whichever it is
+            object.__setattr__(self, "caption_prefix", default_prefix.replace("TOK", self.token))
         if self.resolution % RESOLUTION_MULTIPLE:
             raise InputError(f"resolution: must be a multiple of {RESOLUTION_MULTIPLE}, got {self.resolution}")
 

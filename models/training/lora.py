@@ -22,8 +22,8 @@ PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2":
 
 
 class LoraLinear(nn.Module):
-    """A frozen linear layer plus `up @ down * alpha / rank`, the update kept in float32 (autocast computes it in the
-    layer's precision); `up` starts at zero, so training starts from the base model exactly."""
+    """A frozen linear layer plus `up @ down * alpha / rank`, its factors kept in float32 (on a GPU, bf16 autocast
+    computes the update in bf16); `up` starts at zero, so training starts from the base model exactly."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator) -> None:
         super().__init__()
@@ -36,7 +36,7 @@ class LoraLinear(nn.Module):
         self.up = nn.Parameter(torch.zeros(base.out_features, rank, dtype=torch.float32, device=device))
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(inputs.to(self.down.dtype), self.down), self.up) * (self.alpha / self.rank)
+        update = F.linear(F.linear(inputs, self.down), self.up) * (self.alpha / self.rank)
         return self.base(inputs) + update.to(inputs.dtype)
 
 
@@ -44,12 +44,23 @@ def is_target(name: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
     return isinstance(module, nn.Linear) and any(name.endswith("." + target) for target in targets)
 
 
-def add_adapters(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, generator: torch.Generator
+def adapted_layers(component: str, model: nn.Module) -> list[str]:
+    """The layers a training adapts, in the model's own order: the UNet's attention projections; a text encoder's,
+    except the first encoder's last layer, whose output SDXL never reads (it takes that encoder's penultimate states),
+    so that an adapter there would never learn."""
+    if component == "unet":
+        return [name for name, module in model.named_modules() if is_target(name, module, UNET_TARGETS)]
+    unread = f"encoder.layers.{model.config.num_hidden_layers - 1}." if component == "text_encoder" else None
+    return [name for name, module in model.named_modules()
+            if is_target(name, module, TEXT_TARGETS) and not (unread and name.startswith(unread))]  # fmt: skip
+
+
+def add_adapters(component: str, model: nn.Module, rank: int, alpha: float, generator: torch.Generator
                  ) -> dict[str, LoraLinear]:  # fmt: skip
-    """Put a LoraLinear in place of each target layer, in the model's own order (so one seed gives one start)."""
-    chosen = [(name, module) for name, module in model.named_modules() if is_target(name, module, targets)]
+    """Put a LoraLinear in place of each adapted layer, in the model's own order (so one seed gives one start)."""
     adapters = {}
-    for name, module in chosen:
+    for name in adapted_layers(component, model):
+        module = model.get_submodule(name)
         parent_name, _, child = name.rpartition(".")
         adapter = LoraLinear(module, rank, alpha, generator)
         setattr(model.get_submodule(parent_name), child, adapter)

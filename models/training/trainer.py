@@ -12,7 +12,8 @@ The choices, and why:
 - On a GPU: frozen weights in bf16, bf16 autocast, the trained parameters in fp32, gradient checkpointing of the
   UNet, and bitsandbytes' 8-bit AdamW; on the CPU, fp32 and torch's AdamW. Gradients clipped to norm 1.
 - Latents are encoded once (the VAE's mean), and each step's noise and timesteps are drawn on the CPU from the seed, so
-  one seed and one set of inputs make the same LoRA on the same machine.
+  one seed and one set of inputs make the same LoRA bytes on the same CPU (tested). On a GPU nothing forces
+  deterministic kernels (attention's and convolutions' backward passes may sum in any order), so bytes may differ.
 - With mask_prompt, each photo's loss is weighted by CLIPSeg's probability that a pixel shows the subject, floored at
   MASK_FLOOR and scaled to a mean of 1, so backgrounds count a tenth as much (a photo where nothing is found trains
   evenly, not at all).
@@ -36,7 +37,7 @@ from PIL import Image
 from ..loras.tokens import TokenEmbeddings
 from ..maps.estimators import TextSegmenter, resized_probabilities
 from .inputs import TrainingOptions
-from .lora import TEXT_TARGETS, UNET_TARGETS, LoraLinear, add_adapters
+from .lora import LoraLinear, add_adapters
 from .photos import Example, prompt_of
 from .tokens import add_trainable_tokens
 
@@ -138,7 +139,7 @@ class Training:
         self.generator = torch.Generator("cpu").manual_seed(options.seed)
         self.autocast = torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda")
         self.latents: list[torch.Tensor] = []
-        self.weights: list[torch.Tensor | None] = [None] * len(examples)
+        self.loss_weights: list[torch.Tensor | None] = [None] * len(examples)
         self.subject_shares: list[float] | None = None
         self.token_trained = False
         self.embeddings: TokenEmbeddings | None = None
@@ -165,7 +166,7 @@ class Training:
             height, width = self.latents[index].shape[-2:]
             resized = resized_probabilities(probabilities, height, width)[0]
             self.subject_shares.append(float(resized.mean()))
-            self.weights[index] = subject_weights(resized).to(self.device)
+            self.loss_weights[index] = subject_weights(resized).to(self.device)
         log.info("mask_prompt %r covers %s of the photos", self.options.mask_prompt,
                  ", ".join(f"{share:.0%}" for share in self.subject_shares))  # fmt: skip
 
@@ -182,11 +183,9 @@ class Training:
         else:
             log.warning("token %r is in no caption nor the caption prefix: no new tokens are trained", options.token)
         alpha = float(options.lora_rank)
-        self.adapters = {"unet": add_adapters(self.sdxl.unet, UNET_TARGETS, options.lora_rank, alpha, self.generator)}
-        if options.train_text_encoder:
-            for name in ("text_encoder", "text_encoder_2"):
-                encoder = getattr(self.sdxl, name)
-                self.adapters[name] = add_adapters(encoder, TEXT_TARGETS, options.lora_rank, alpha, self.generator)
+        components = ("unet", "text_encoder", "text_encoder_2") if options.train_text_encoder else ("unet",)
+        self.adapters = {component: add_adapters(component, getattr(self.sdxl, component), options.lora_rank, alpha,
+                                                 self.generator) for component in components}  # fmt: skip
         lora = [parameter for layers in self.adapters.values() for adapter in layers.values()
                 for parameter in (adapter.down, adapter.up)]  # fmt: skip
         groups.append({"params": lora, "lr": options.learning_rate, "weight_decay": WEIGHT_DECAY})
@@ -224,7 +223,7 @@ class Training:
                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
             ).sample  # fmt: skip
         error = F.mse_loss(predicted.float(), noise, reduction="none")
-        weights = [self.weights[index] for index in indices]
+        weights = [self.loss_weights[index] for index in indices]
         if weights[0] is not None:
             error = error * torch.stack(weights)[:, None]
         return error.mean(dim=(1, 2, 3)) * min_snr_weights(self.scheduler, timesteps)

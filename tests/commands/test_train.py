@@ -55,6 +55,11 @@ def test_a_bad_value_gets_the_trainers_line_and_status_2(photos_zip, tmp_path, t
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_folder_as_out_is_refused_before_training(photos_zip, tmp_path, tiny_weights):
+    done = train("--images", str(photos_zip), "--out", str(tmp_path), weights=tiny_weights)
+    assert done.returncode == 2 and "is a folder" in done.stderr and "step " not in done.stderr, done.stderr
+
+
 def test_a_hostile_archive_is_refused_and_nothing_is_written(tmp_path, tiny_weights):
     archive = tmp_path / "evil.zip"
     archive.write_bytes(zip_of({"../escape.png": b"x"}))

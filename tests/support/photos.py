@@ -5,7 +5,7 @@ import stat
 import tarfile
 import zipfile
 
-from models.limits import MAX_TRAINING_IMAGES
+from models.limits import MAX_ARCHIVE_MEMBERS, MAX_TRAINING_IMAGES
 from models.tooling.pictures import photo, png_bytes
 from tests.support.editing import png_header_only
 
@@ -48,6 +48,38 @@ def training_photos(scale: int = 1, seed: int = 0) -> dict[str, bytes]:
     return files
 
 
+def encrypted() -> bytes:
+    """A zip whose member says it is encrypted: zipfile cannot encrypt, so the flag is set in both of its headers."""
+    content = bytearray(zip_of({"secret.png": b"ciphertext"}))
+    content[content.index(b"PK\x03\x04") + 6] |= 0x1
+    content[content.index(b"PK\x01\x02") + 8] |= 0x1
+    return bytes(content)
+
+
+def corrupt_deflate() -> bytes:
+    """A zip whose one member's deflated bytes are damaged after its header."""
+    content = bytearray(zip_of({"a.png": png_bytes(photo(64, 64))}))
+    start = content.index(b"a.png") + len("a.png")
+    content[start + 40 : start + 80] = bytes(40)
+    return bytes(content)
+
+
+def long_name_tar() -> bytes:
+    """A tar whose GNU long-name header is 100 KiB (tarfile reads such headers whole)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as archive:
+        archive.addfile(entry("x" * 100_000 + ".png", size=4), io.BytesIO(b"\0" * 4))
+    return buffer.getvalue()
+
+
+def compressed_tar(files: dict[str, bytes], compression: str) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode=f"w:{compression}") as archive:
+        for name, data in files.items():
+            archive.addfile(entry(name, size=len(data)), io.BytesIO(data))
+    return buffer.getvalue()
+
+
 def bomb() -> bytes:
     """A 16 MiB picture of zeros, deflated to a few kilobytes: a thousandfold."""
     return zip_of({"bomb.png": b"\0" * (16 * 1024**2)})
@@ -76,4 +108,18 @@ def hostile_archives() -> dict[str, tuple[bytes, str]]:
         "over-the-pixel-limit": (zip_of({"big.png": png_header_only(8000, 8000)}), "larger than 50,000,000 pixels"),
         "caption-not-text": (zip_of({"a.png": tiny_png, "a.txt": b"\xff\xfe\x00\x01binary"}), "is not UTF-8 text"),
         "caption-control-characters": (zip_of({"a.png": tiny_png, "a.txt": b"a\x00b"}), "is not text"),
+        "caption-too-long": (zip_of({"a.png": tiny_png, "a.txt": b"a" * 20_000}), "a.txt is 19.5 KiB; at most 16 KiB"),
+        "encrypted": (encrypted(), "secret.png is encrypted"),
+        "name-with-a-line-break": (zip_of({"a\nFAKE LOG LINE.png": tiny_png}), "control characters in its name"),
+        "corrupt-deflate": (corrupt_deflate(), "the .zip is damaged"),
+        "tar-expands": (tar_entries(*(entry(f"{index}.png", size=10 * 1024**2) for index in range(20))), "expands"),
+        "long-tar-header": (long_name_tar(), "an extended tar header of 97.7 KiB"),
+        "huge-zip-index": (
+            zip_of({f"{index:04d}" + "x" * 1000 + ".png": b"" for index in range(1100)}),
+            "the .zip's index is 1.1 MiB; at most 1 MiB",
+        ),
+        "too-many-entries": (
+            zip_of({f"{index}.md": b"" for index in range(MAX_ARCHIVE_MEMBERS + 1)}),
+            "2,001 entries; at most 2,000",
+        ),
     }

@@ -1,16 +1,16 @@
 """Reading a training's archive: photos and captions out of a .zip or .tar, and every hostile archive refused in one
 line, with nothing written outside the work folder."""
 
-import tarfile
+import io
 
 import pytest
 
 from models.errors import InputError
 from models.limits import MAX_ARCHIVE_MEMBERS
-from models.training.archive import escapes, read_archive, stem
+from models.training.archive import check_total, copy_capped, escapes, read_archive, stem
 from models.training.photos import prepare
 from tests.support.loras import tar_of
-from tests.support.photos import entry, hostile_archives, tar_entries, training_photos, zip_of
+from tests.support.photos import compressed_tar, entry, hostile_archives, tar_entries, training_photos, zip_of
 
 HOSTILE = hostile_archives()
 
@@ -30,13 +30,10 @@ def test_photos_and_their_captions_come_out_of_either_kind(tmp_path, kind):
     assert sorted(path.name for path in (tmp_path / "work").iterdir()) == ["0000.png", "0001.png", "0002.png"]
 
 
-def test_a_compressed_tar_is_read_too(tmp_path):
-    archive = tmp_path / "photos.tar.gz"
-    with tarfile.open(archive, "w:gz") as tar:
-        for name, data in training_photos().items():
-            path = tmp_path / name.replace("/", "-")
-            path.write_bytes(data)
-            tar.add(path, arcname=name)
+@pytest.mark.parametrize("compression", ["gz", "bz2", "xz"])
+def test_a_compressed_tar_is_read_too(tmp_path, compression):
+    archive = tmp_path / f"photos.tar.{compression}"
+    archive.write_bytes(compressed_tar(training_photos(), compression))
     assert len(read_archive(archive, tmp_path / "work")) == 3
 
 
@@ -85,3 +82,14 @@ def test_a_caption_serves_every_picture_of_its_stem_and_members_are_read_in_the_
     assert [photo.name for photo in photos] == ["photos/p0.jpg", "photos/p0.png", "photos/p2.png"]
     assert [photo.caption for photo in photos] == ["a TOK on a table", "a TOK on a table", None]
     assert [photo.path.read_bytes() for photo in photos] == [files[photo.name] for photo in photos]
+
+
+def test_an_archive_declaring_more_than_the_unpacked_limit_is_refused():
+    with pytest.raises(InputError, match="unpacks to 9 GiB; at most 8 GiB"):
+        check_total(9 * 1024**3, 4 * 1024**3)
+
+
+def test_a_member_holding_more_bytes_than_its_index_declares_is_refused(tmp_path):
+    """zipfile and tarfile stop at the declared size themselves; the cap is a second guard, in case one does not."""
+    with pytest.raises(InputError, match="holds more bytes than the archive declares"):
+        copy_capped(io.BytesIO(b"x" * 2048), tmp_path / "copy", 1024, "a.png")

@@ -13,7 +13,7 @@ from models.loras.formats import read_lora
 from models.loras.merge import fuse
 from models.loras.names import Targets, sgm_unet_paths
 from models.tooling.random_weights.configs import component_configs
-from models.training.lora import TEXT_TARGETS, UNET_TARGETS, add_adapters, is_target, kohya_name, lora_tensors
+from models.training.lora import UNET_TARGETS, adapted_layers, add_adapters, kohya_name, lora_tensors
 from models.weights.architecture import meta_models
 
 RANK, ALPHA = 4, 8.0
@@ -39,10 +39,8 @@ def trained_copy(tiny_models, text_encoders: bool = False) -> tuple[dict, dict]:
     """Copies of the tiny models with adapters whose up matrices are random, as after some training."""
     models = copy.deepcopy(tiny_models)
     generator = torch.Generator().manual_seed(1)
-    adapters = {"unet": add_adapters(models["unet"], UNET_TARGETS, RANK, ALPHA, generator)}
-    if text_encoders:
-        for name in ("text_encoder", "text_encoder_2"):
-            adapters[name] = add_adapters(models[name], TEXT_TARGETS, RANK, ALPHA, generator)
+    components = ("unet", "text_encoder", "text_encoder_2") if text_encoders else ("unet",)
+    adapters = {name: add_adapters(name, models[name], RANK, ALPHA, generator) for name in components}
     for layers in adapters.values():
         for adapter in layers.values():
             adapter.up.data = torch.randn(adapter.up.shape, generator=generator) * 0.05
@@ -52,13 +50,13 @@ def trained_copy(tiny_models, text_encoders: bool = False) -> tuple[dict, dict]:
 def test_training_starts_from_the_base_model_exactly(tiny_models):
     base = copy.deepcopy(tiny_models["unet"])  # a copy: its outputs differ from the original's in the last bits
     adapted = copy.deepcopy(tiny_models["unet"])
-    adapters = add_adapters(adapted, UNET_TARGETS, RANK, ALPHA, torch.Generator().manual_seed(0))
+    adapters = add_adapters("unet", adapted, RANK, ALPHA, torch.Generator().manual_seed(0))
     assert len(adapters) == sum(name.endswith(UNET_TARGETS) for name, _ in base.named_modules())
     assert torch.equal(unet_output(adapted), unet_output(base))
 
 
 def test_the_same_seed_places_the_same_adapters(tiny_models):
-    first, second = (add_adapters(copy.deepcopy(tiny_models["unet"]), UNET_TARGETS, RANK, ALPHA,
+    first, second = (add_adapters("unet", copy.deepcopy(tiny_models["unet"]), RANK, ALPHA,
                                   torch.Generator().manual_seed(3)) for _ in range(2))  # fmt: skip
     assert all(torch.equal(first[name].down, second[name].down) for name in first)
 
@@ -94,17 +92,26 @@ def test_diffusers_reads_the_file_as_the_trainer_wrote_it(tiny_models, tmp_path:
 
 
 def test_every_layer_a_full_size_training_adapts_has_a_name_this_project_resolves_back():
-    """On SDXL 1.0's architecture (meta device): every target layer's kohya name leads back to the same layer."""
+    """On SDXL 1.0's architecture (meta device): every adapted layer's kohya name leads back to the same layer."""
     models = meta_models()
     targets = Targets.of(models)
     blocks = sgm_unet_paths(models["unet"].config)
     counts = {}
-    for component, names in (("unet", UNET_TARGETS), ("text_encoder", TEXT_TARGETS), ("text_encoder_2", TEXT_TARGETS)):
-        layers = [name for name, module in models[component].named_modules() if is_target(name, module, names)]
+    for component, model in models.items():
+        layers = adapted_layers(component, model)
         counts[component] = len(layers)
         for name in layers:
             assert targets.resolve(kohya_name(component, name, blocks)) == (component, name)
-    assert counts == {"unet": 560, "text_encoder": 48, "text_encoder_2": 128}
+    assert counts == {"unet": 560, "text_encoder": 44, "text_encoder_2": 128}  # text encoder 1's last layer is unread
+
+
+def test_text_encoder_ones_last_layer_is_not_adapted_because_sdxl_never_reads_it(tiny_models):
+    last = tiny_models["text_encoder"].config.num_hidden_layers - 1
+    names = adapted_layers("text_encoder", tiny_models["text_encoder"])
+    assert names and not any(name.startswith(f"encoder.layers.{last}.") for name in names)
+    assert any(name.startswith(f"encoder.layers.{last - 1}.") for name in names)
+    second = tiny_models["text_encoder_2"]
+    assert len(adapted_layers("text_encoder_2", second)) == 4 * second.config.num_hidden_layers
 
 
 def test_names_follow_kohyas_sdxl_scripts():

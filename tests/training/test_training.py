@@ -88,6 +88,12 @@ def test_mask_prompt_weights_each_photo_and_says_how_much_it_found(photos_zip, t
     assert len(shares) == 3 and all(0 <= share <= 1 for share in shares)
 
 
+def test_the_default_caption_prefix_says_the_token_given(photos_zip, tmp_path, tiny_weights):
+    result = train(photos_zip, tmp_path / "out.tar", tiny_weights, token="sks")
+    assert [picture["prompt"] for picture in result.record["pictures"]][1:] == ["a photo of sks", "a photo of sks"]
+    assert json.loads(members(result.tar)["special_params.json"]) == {"sks": "<s0><s1>"}
+
+
 def test_a_token_no_prompt_says_trains_no_tokens(photos_zip, tmp_path, tiny_weights):
     result = train(photos_zip, tmp_path / "out.tar", tiny_weights, token="ZQX", caption_prefix="a photo,")
     assert "embeddings.pti" not in members(result.tar) and result.record["token"] is None

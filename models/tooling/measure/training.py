@@ -43,7 +43,7 @@ def step_seconds(weights: Path, resolution: int, batch: int, steps: int, warmup:
     trained = training.run(on_step)
     figures = {
         "load_s": load_s,
-        "step_s": [after - before for before, after in zip(marks[warmup:], marks[warmup + 1 :], strict=False)],
+        "step_s": [after - before for before, after in zip(marks[warmup - 1 :], marks[warmup:], strict=False)],
         "sample_s": trained.progress.seconds.get("samples", 0.0),
         "weights_gib": weights_bytes / 2**30,
         "peak_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
