@@ -50,8 +50,8 @@ class TrainingResult:
 
 
 def training_device(requested: str) -> tuple[torch.device, torch.dtype]:
-    """The serving device rule, except that a GPU must have bf16: training in fp16 needs loss scaling that this
-    trainer does not do, and SDXL training on pre-Ampere GPUs (T4, V100) is impractically slow anyway."""
+    """The serving device rule, except that a GPU must have bf16: training in fp16 needs loss scaling, which this
+    trainer does not do."""
     device, dtype = select_device(requested)
     if device.type == "cuda" and dtype != torch.bfloat16:
         raise InputError("device: training needs a GPU with bfloat16 (Ampere or newer), or the CPU")

@@ -7,10 +7,12 @@ The choices, and why:
   uniformly, and Min-SNR weighting (Hang et al. 2023, gamma 5): each sample's loss is scaled by min(SNR, 5) / SNR,
   which damps the nearly-clean timesteps whose small, conflicting gradients slow training; diffusers' and kohya's
   SDXL scripts offer the same.
-- The LoRA on every attention projection of the UNet (and of both text encoders when asked), the token's two new
-  embeddings always (pivotal tuning, as Replicate's SDXL trainer does), at TOKEN_LEARNING_RATE.
+- The LoRA on every attention projection of the UNet (and of both text encoders when asked: lora.adapted_layers), the
+  token's two new embeddings whenever a prompt says it (pivotal tuning, as Replicate's SDXL trainer does), at
+  TOKEN_LEARNING_RATE.
 - On a GPU: frozen weights in bf16, bf16 autocast, the trained parameters in fp32, gradient checkpointing of the
-  UNet, and bitsandbytes' 8-bit AdamW; on the CPU, fp32 and torch's AdamW. Gradients clipped to norm 1.
+  UNet, and bitsandbytes' 8-bit AdamW when it is installed (the image leaves it out: README); on the CPU, fp32 and
+  torch's AdamW. Gradients clipped to norm 1.
 - Latents are encoded once (the VAE's mean), and each step's noise and timesteps are drawn on the CPU from the seed, so
   one seed and one set of inputs make the same LoRA bytes on the same CPU (tested). On a GPU nothing forces
   deterministic kernels (attention's and convolutions' backward passes may sum in any order), so bytes may differ.
@@ -23,6 +25,7 @@ The choices, and why:
 
 import io
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +37,7 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from diffusers.training_utils import compute_snr
 from PIL import Image
 
+from ..errors import NumericError
 from ..loras.tokens import TokenEmbeddings
 from ..maps.estimators import TextSegmenter, resized_probabilities
 from .inputs import TrainingOptions
@@ -286,13 +290,14 @@ class Training:
             timesteps = torch.randint(0, self.scheduler.config.num_train_timesteps, (len(indices),),
                                       generator=self.generator)  # fmt: skip
             loss = self.losses(indices, noise, timesteps).mean()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"the loss is {float(loss)} at step {step}: lower learning_rate")
+            value = loss.item()  # the step's one wait for the device: the log and the check below both need it
+            if not math.isfinite(value):
+                raise NumericError(f"learning_rate: the loss became {value} at step {step}; try a lower learning_rate")
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            interval.append(loss.item())
+            interval.append(value)
             progress.step = step
             if on_step is not None:
                 on_step(step, options.steps)

@@ -7,15 +7,21 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from models.errors import InputError
 from models.loras.formats import read_lora
 from models.loras.names import Targets
 from models.loras.tokens import training_token_sets
-from models.training.inputs import TrainingRequest
+from models.training import trainer
+from models.training.archive import read_archive
+from models.training.inputs import TrainingOptions, TrainingRequest
+from models.training.photos import prepare
 from models.training.run import train_lora
+from models.training.trainer import Training, min_snr_weights
 from models.validation import local_file
+from models.weights.load import load_base_models
 from tests.support.photos import training_photos, zip_of
 
 QUICK = {"steps": 4, "resolution": 256, "sample_every": 0, "lora_rank": 2, "seed": 5}
@@ -131,3 +137,24 @@ def test_the_record_is_json_and_names_the_base_models_commits(photos_zip, tmp_pa
     manifest = json.loads((tiny_weights / "manifest.json").read_text())
     assert set(record["base_model"]) == set(manifest["sources"]) and record["accelerator"] is None
     assert record["device"] and record["dtype"] == "float32" and record["optimizer"] == "AdamW (torch)"
+
+
+def test_the_objective_weighs_each_photo_by_its_mask_and_each_timestep_by_min_snr(photos_zip, tmp_path, tiny_weights,
+                                                                                   monkeypatch):  # fmt: skip
+    """The per-photo loss is the masked squared error times min(SNR, 5) / SNR: doubling a photo's loss weights doubles
+    its loss, and the Min-SNR factor is exactly what separates it from the plain error."""
+    options = TrainingOptions.from_values({**QUICK, "seed": 1})
+    examples = prepare(read_archive(photos_zip, tmp_path / "photos"), 256, options.caption_prefix, options.token)
+    components, _ = load_base_models(tiny_weights, torch.device("cpu"), torch.float32)
+    training = Training(components, options, examples, torch.device("cpu"), torch.float32)
+    training.encode_latents()
+    noise = torch.randn(training.latents[0].shape, generator=torch.Generator().manual_seed(0))
+    timestep = torch.tensor([20])  # nearly clean: SNR far above 5
+    weighted = training.losses([0], noise, timestep)
+    training.loss_weights[0] = torch.full(training.latents[0].shape[-2:], 2.0)
+    assert torch.allclose(training.losses([0], noise, timestep), 2 * weighted)
+    training.loss_weights[0] = None
+    monkeypatch.setattr(trainer, "min_snr_weights", lambda scheduler, timesteps: torch.ones(len(timesteps)))
+    plain = training.losses([0], noise, timestep)
+    factor = min_snr_weights(training.scheduler, timestep)
+    assert factor[0] < 0.1 and torch.allclose(weighted, plain * factor)
